@@ -1,0 +1,28 @@
+"""spp-hf: Sparsity-Preserved Parameter-efficient fine-tuning (SPP) for the Hugging Face stack."""
+
+__version__ = "0.1.0"
+
+from .config import SPPConfig
+from .layer import SPPLinear
+from .model import SPPMismatchError, SPPModel, SPPModelMixin, get_spp_model
+from .sparsity import sparsity_report
+
+__all__ = [
+    "SPPConfig",
+    "SPPLinear",
+    "SPPModel",
+    "SPPModelMixin",
+    "SPPMismatchError",
+    "get_spp_model",
+    "sparsity_report",
+    "SPPSFTTrainer",
+]
+
+
+def __getattr__(name: str):
+    # The trainer pulls in TRL, which is slow to import; load it on first use.
+    if name == "SPPSFTTrainer":
+        from .trainer import SPPSFTTrainer
+
+        return SPPSFTTrainer
+    raise AttributeError(f"module 'spp_hf' has no attribute {name!r}")

@@ -1,0 +1,161 @@
+"""Zero masks, N:M detection, the mask fingerprint that keys an adapter to its base, and `sparsity_report`."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .weights import dense_weight, is_linear_like
+
+NM_CANDIDATE_M = (2, 4, 8, 16, 32)
+
+
+def zero_mask(weight: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of exact zeros of a (out, in) weight."""
+    return weight == 0
+
+
+def detect_nm(weight: torch.Tensor) -> str | None:
+    """Return "N:M" if every group of M consecutive inputs of each row has at most N non-zeros.
+
+    The smallest M whose pattern explains the layer's density is chosen, so a 2:8 layer is not
+    reported as 2:4 (its density 0.25 is below 2/4).
+    """
+    out_f, in_f = weight.shape
+    nonzero = weight != 0
+    density = nonzero.float().mean().item()
+    for m in NM_CANDIDATE_M:
+        if in_f % m:
+            continue
+        n = int(nonzero.reshape(out_f, in_f // m, m).sum(-1).max().item())
+        if n < m and density >= n / m - 0.01:
+            return f"{n}:{m}"
+    return None
+
+
+def mask_hash(mask: torch.Tensor) -> str:
+    """sha256 over the packed bits of a boolean mask (row-major)."""
+    packed = np.packbits(mask.detach().cpu().contiguous().numpy().reshape(-1))
+    return hashlib.sha256(packed.tobytes()).hexdigest()
+
+
+def fingerprint_modules(named_weights: Iterable[tuple[str, torch.Tensor]]) -> dict:
+    """Mask fingerprint: per module shape, zero count and mask hash, plus one hash over all masks."""
+    total = hashlib.sha256()
+    modules = {}
+    for name, weight in named_weights:
+        mask = zero_mask(weight)
+        h = mask_hash(mask)
+        total.update(name.encode())
+        total.update(bytes.fromhex(h))
+        modules[name] = {"shape": list(weight.shape), "zeros": int(mask.sum().item()), "hash": h[:16]}
+    return {"hash": total.hexdigest(), "modules": modules}
+
+
+def compare_fingerprints(expected: dict, found: dict) -> str | None:
+    """Describe the first difference between two fingerprints, or None if they match."""
+    if expected.get("hash") == found.get("hash"):
+        return None
+    exp_mods, found_mods = expected.get("modules", {}), found.get("modules", {})
+    for name, exp in exp_mods.items():
+        got = found_mods.get(name)
+        if got is None:
+            return f"module {name!r} is missing from the base"
+        for key in ("shape", "zeros", "hash"):
+            if exp[key] != got[key]:
+                return f"module {name!r}: expected {key} {exp[key]}, found {got[key]}"
+    extra = sorted(set(found_mods) - set(exp_mods))
+    if extra:
+        return f"the base has modules the adapter does not know: {extra[:3]}"
+    return "the overall mask hash differs"
+
+
+@dataclass
+class LayerSparsity:
+    """Sparsity of one linear layer's weight."""
+
+    name: str
+    shape: tuple[int, int]
+    zeros: int
+    numel: int
+    ratio: float
+    pattern: str | None
+
+
+@dataclass
+class SparsityReport:
+    """Per-layer sparsity of a model; `str()` gives a table, `to_dict()` JSON-able data."""
+
+    layers: list[LayerSparsity] = field(default_factory=list)
+
+    @property
+    def zeros(self) -> int:
+        return sum(layer.zeros for layer in self.layers)
+
+    @property
+    def numel(self) -> int:
+        return sum(layer.numel for layer in self.layers)
+
+    @property
+    def ratio(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+    @property
+    def pattern(self) -> str | None:
+        """The N:M pattern shared by every layer, else None."""
+        patterns = {layer.pattern for layer in self.layers}
+        return patterns.pop() if len(patterns) == 1 else None
+
+    def to_dict(self) -> dict:
+        return {
+            "ratio": self.ratio,
+            "zeros": self.zeros,
+            "numel": self.numel,
+            "pattern": self.pattern,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':<48} {'shape':>12} {'zeros':>10} {'ratio':>7} {'N:M':>6}"]
+        for layer in self.layers:
+            shape = "x".join(map(str, layer.shape))
+            lines.append(
+                f"{layer.name:<48} {shape:>12} {layer.zeros:>10} {layer.ratio:>7.4f} {layer.pattern or '-':>6}"
+            )
+        lines.append(f"{'total':<48} {'':>12} {self.zeros:>10} {self.ratio:>7.4f} {self.pattern or '-':>6}")
+        return "\n".join(lines)
+
+
+def iter_linear_weights(model: nn.Module, include_lm_head: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, dense (out, in) weight) for each linear-like layer; SPP wrappers report their base."""
+    from .layer import SPPLinear
+
+    skip = set()
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if any(name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(module, SPPLinear):
+            skip.add(name)
+            yield name, dense_weight(module.base_layer)
+        elif is_linear_like(module):
+            if module is output_embeddings and not include_lm_head:
+                continue
+            yield name, dense_weight(module)
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module, include_lm_head: bool = False) -> SparsityReport:
+    """Per-layer shape, zero count, ratio and detected N:M pattern of every linear layer."""
+    report = SparsityReport()
+    for name, weight in iter_linear_weights(model, include_lm_head):
+        zeros = int((weight == 0).sum().item())
+        report.layers.append(
+            LayerSparsity(name, tuple(weight.shape), zeros, weight.numel(), zeros / weight.numel(), detect_nm(weight))
+        )
+    return report
