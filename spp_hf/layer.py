@@ -155,6 +155,8 @@ class SPPLinear(nn.Module):
                 f"not {type(base_layer).__name__}."
             )
         self.base_layer = base_layer
+        for param in base_layer.parameters():
+            param.requires_grad_(False)
         self.in_features, self.out_features = in_out_features(base_layer)
         self.merged = False
         self.disabled = False

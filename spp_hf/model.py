@@ -36,10 +36,10 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
     for name, module in model.named_modules():
-        if not name or isinstance(module, SPPLinear) or ".base_layer" in name:
+        if not name or ".base_layer" in name:
             continue
         if target_modules == "all-linear":
-            if is_linear_like(module) and module is not output_embeddings:
+            if (is_linear_like(module) or isinstance(module, SPPLinear)) and module is not output_embeddings:
                 names.append(name)
         elif isinstance(target_modules, str):
             if re.fullmatch(target_modules, name):

@@ -1,0 +1,186 @@
+"""SPP math: the three implementations against the paper's Eq. 4-5 written as plain PyTorch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from spp_hf import SPPLinear
+from spp_hf.layer import _FusedSPP, spp_branch_blocked, spp_branch_naive
+
+IMPLS = ["naive", "blocked", "fused"]
+
+
+def paper_reference(x, w, b, alpha, beta, s):
+    """Eq. 4-5 with an explicit repeat_interleave, independent of spp_hf."""
+    m, r = w.shape[0], alpha.shape[0]
+    w_prime = w * torch.repeat_interleave(alpha, m // r, dim=0) * beta  # Repeat_1(β, n) by broadcasting
+    y = x @ w.T + s * (x @ w_prime.T)
+    return y if b is None else y + b
+
+
+def sparse_linear(m=48, n=32, dtype=torch.float64, bias=True, seed=0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(n, m, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        lin.weight[torch.rand_like(lin.weight) < 0.5] = 0.0
+    return lin
+
+
+def random_factors(layer: SPPLinear, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.spp_alpha.copy_(torch.randn(layer.spp_alpha.shape, generator=g))
+        layer.spp_beta.copy_(torch.randn(layer.spp_beta.shape, generator=g))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_paper_equation(impl, bias):
+    lin = sparse_linear(bias=bias)
+    layer = SPPLinear(lin, r=4, scale=2.0, impl=impl, adapter_dtype=torch.float64)
+    random_factors(layer)
+    x = torch.randn(3, 5, 32, dtype=torch.float64)
+    ref = paper_reference(x, lin.weight, lin.bias, layer.spp_alpha, layer.spp_beta, 2.0)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradients_match_reference_autograd(impl):
+    lin = sparse_linear()
+    layer = SPPLinear(lin, r=8, scale=1.5, impl=impl, adapter_dtype=torch.float64)
+    random_factors(layer)
+    x = torch.randn(4, 32, dtype=torch.float64, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    got = (x.grad.clone(), layer.spp_alpha.grad.clone(), layer.spp_beta.grad.clone())
+    assert lin.weight.grad is None and not lin.weight.requires_grad  # the base stays frozen
+    alpha = layer.spp_alpha.detach().clone().requires_grad_()
+    beta = layer.spp_beta.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    paper_reference(x2, lin.weight.detach(), lin.bias.detach(), alpha, beta, 1.5).pow(2).sum().backward()
+    for a, b in zip(got, (x2.grad, alpha.grad, beta.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_gradcheck_float64():
+    lin = sparse_linear(m=16, n=8)
+    w, b = lin.weight.detach(), lin.bias.detach()
+    alpha = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(16, 1, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, be: _FusedSPP.apply(x, w, b, a, be, 2.0, 0.0), (x, alpha, beta))
+    assert torch.autograd.gradcheck(lambda x, a, be: spp_branch_blocked(x, w, a, be), (x, alpha, beta))
+    assert torch.autograd.gradcheck(lambda x, a, be: spp_branch_naive(x, w, a, be), (x, alpha, beta))
+
+    def fused_dropout(x, a, be):
+        torch.manual_seed(7)  # same dropout mask on every evaluation
+        return _FusedSPP.apply(x, w, b, a, be, 2.0, 0.25)
+
+    assert torch.autograd.gradcheck(fused_dropout, (x, alpha, beta))
+
+
+def test_fused_dropout_matches_formula_with_its_mask():
+    lin = sparse_linear()
+    layer = SPPLinear(lin, r=4, dropout=0.3, impl="fused", adapter_dtype=torch.float64).train()
+    random_factors(layer)
+    x = torch.randn(64, 32, dtype=torch.float64)
+    torch.manual_seed(3)
+    y = layer(x)
+    torch.manual_seed(3)
+    keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(0.7)
+    m = lin.weight.shape[0]
+    w_prime = lin.weight * layer.spp_alpha.repeat_interleave(m // 4, 0) * layer.spp_beta
+    ref = x @ lin.weight.T + lin.bias + 2.0 * ((x * keep / 0.7) @ w_prime.T)
+    torch.testing.assert_close(y, ref)
+    assert not torch.allclose(y, paper_reference(x, lin.weight, lin.bias, layer.spp_alpha, layer.spp_beta, 2.0))
+    layer.eval()  # no dropout in eval
+    torch.testing.assert_close(layer(x), paper_reference(x, lin.weight, lin.bias, layer.spp_alpha, layer.spp_beta, 2.0))
+
+
+def test_init_is_identity_and_parameters_are_named():
+    lin = sparse_linear(dtype=torch.float32)
+    layer = SPPLinear(lin, r=16)
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["spp_alpha", "spp_beta"]
+    assert layer.spp_alpha.shape == (16, 32) and layer.spp_beta.shape == (48, 1)
+    assert torch.all(layer.spp_beta == 0)
+    bound = 1 / math.sqrt(32)  # kaiming-uniform with a=sqrt(5) on fan_in=32
+    assert layer.spp_alpha.abs().max() <= bound and layer.spp_alpha.std() > bound / 4
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(layer(x), lin(x))
+
+
+def test_ablation_zero_init_alpha_and_no_beta():
+    lin = sparse_linear(dtype=torch.float32)
+    a = SPPLinear(lin, r=4, zero_init="alpha")
+    assert torch.all(a.spp_alpha == 0) and a.spp_beta.abs().sum() > 0
+    no_beta = SPPLinear(lin, r=4, use_beta=False, zero_init="alpha")
+    assert torch.all(no_beta.spp_beta == 1) and not no_beta.spp_beta.requires_grad
+    assert [n for n, p in no_beta.named_parameters() if p.requires_grad] == ["spp_alpha"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_conv1d_fan_in_fan_out(impl):
+    torch.manual_seed(0)
+    conv = Conv1D(24, 16).double()  # GPT-2 layout: weight is (in, out)
+    with torch.no_grad():
+        conv.weight[torch.rand_like(conv.weight) < 0.5] = 0.0
+    layer = SPPLinear(conv, r=4, impl=impl, adapter_dtype=torch.float64)
+    random_factors(layer)
+    x = torch.randn(2, 16, dtype=torch.float64)
+    ref = paper_reference(x, conv.weight.T, conv.bias, layer.spp_alpha, layer.spp_beta, 2.0)
+    torch.testing.assert_close(layer(x), ref)
+
+
+def test_merge_keeps_zeros_and_unmerge_restores():
+    lin = sparse_linear(dtype=torch.float32)
+    original = lin.weight.detach().clone()
+    layer = SPPLinear(lin, r=4)
+    random_factors(layer)
+    x = torch.randn(6, 32)
+    y = layer(x)
+    layer.merge()
+    assert torch.equal(lin.weight == 0, original == 0)
+    torch.testing.assert_close(lin(x), y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(lin.weight, original, rtol=1e-5, atol=1e-6)
+    assert torch.equal(lin.weight == 0, original == 0)
+
+
+def test_merge_refuses_non_finite_factors_and_leaves_weights():
+    lin = sparse_linear(dtype=torch.float32)
+    original = lin.weight.detach().clone()
+    layer = SPPLinear(lin, r=4)
+    with torch.no_grad():
+        layer.spp_beta[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        layer.merge()
+    assert torch.equal(lin.weight, original) and not layer.merged
+
+
+def test_bfloat16_base_keeps_float32_factors():
+    lin = sparse_linear(dtype=torch.bfloat16)
+    layer = SPPLinear(lin, r=4)
+    assert layer.spp_alpha.dtype == torch.float32
+    random_factors(layer)
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    ref = paper_reference(x.double(), lin.weight.double(), lin.bias.double(), layer.spp_alpha.double(), layer.spp_beta.double(), 2.0)
+    torch.testing.assert_close(y.double(), ref, rtol=0.05, atol=0.1)
+    y.float().sum().backward()
+    assert layer.spp_alpha.grad.dtype == torch.float32 and torch.isfinite(layer.spp_alpha.grad).all()
+
+
+def test_bad_r_names_valid_values():
+    with pytest.raises(ValueError, match=r"r=5 does not divide out_features=48.*\[1, 2, 3, 4, 6, 8, 12, 16, 24, 48\]"):
+        SPPLinear(sparse_linear(), r=5)
+
+
+def test_unwrappable_module_is_refused():
+    with pytest.raises(TypeError, match="Embedding"):
+        SPPLinear(nn.Embedding(10, 4))
