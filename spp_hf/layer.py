@@ -14,6 +14,7 @@ Three interchangeable implementations of the same function:
 - ``fused``:   a custom autograd function. With dropout 0 it computes Y with one GEMM on
   W_eff = W ⊙ (1 + s·A⊙β), saves only X, and in backward computes dX = G·W_eff and the transient
   dW_eff = Gᵀ·X, from which dα and dβ are reductions with W: three weight-sized GEMMs in all.
+  W_eff and dW_eff only ever exist one cache-sized chunk of rows at a time.
   With dropout it saves X and the dropout mask and adds the branch GEMMs it then needs.
 """
 
@@ -45,41 +46,65 @@ def effective_weight(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tens
     return factor.mul_(scale).add_(1.0).mul_(weight.to(factor.dtype))
 
 
-def _factor_grads(
-    weight: torch.Tensor, grad_w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """dα, dβ from G_W = Gᵀ·X_branch (m × n), the gradient w.r.t. the effective weight.
+CHUNK_BYTES = 2 * 2**20  # row chunks of W are built and consumed while they sit in cache
 
-    With P = G_W ⊙ W, ∂L/∂(A⊙β) = s·P, so dα_j = s·Σ_{i∈block j} β_i P_i and
-    dβ_i = s·Σ_k P_ik α_{j(i),k}: two batched reductions, no m × n temporaries. G_W is overwritten.
-    """
+
+def _chunk_rows(m: int, r: int, n: int, elem_size: int) -> int:
+    """Rows per chunk: about CHUNK_BYTES of W, and either a divisor or a multiple of the α block m/r."""
+    block = m // r
+    want = max(1, CHUNK_BYTES // (n * elem_size))
+    if want >= block:
+        blocks = max(d for d in range(1, r + 1) if r % d == 0 and d * block <= want)
+        return blocks * block
+    return max(d for d in range(1, block + 1) if block % d == 0 and d <= want)
+
+
+def _chunk_factor(alpha: torch.Tensor, beta: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """(Repeat₀(α) ⊙ β)[start:start+rows] as a (rows × n) tensor."""
     r, n = alpha.shape
-    m = beta.shape[0]
-    p = grad_w.mul_(weight).view(r, m // r, n)
-    grad_alpha = torch.bmm(beta.view(r, 1, m // r).to(p.dtype), p).view(r, n).mul_(scale)
-    grad_beta = torch.bmm(p, alpha.view(r, n, 1).to(p.dtype)).view(m, 1).mul_(scale)
-    return grad_alpha, grad_beta
+    block = beta.shape[0] // r
+    first, nblocks, per = start // block, max(1, rows // block), min(rows, block)
+    return (alpha[first : first + nblocks].view(nblocks, 1, n) * beta[start : start + rows].view(nblocks, per, 1)).view(rows, n)
+
+
+def _chunks(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor):
+    """Yield (start, rows, W chunk, factor chunk) over the rows of W."""
+    m, n = weight.shape
+    step = _chunk_rows(m, alpha.shape[0], n, 4)
+    for start in range(0, m, step):
+        yield start, step, weight[start : start + step], _chunk_factor(alpha, beta, start, step)
 
 
 class _FusedSPP(torch.autograd.Function):
-    """Y = X W_effᵀ + b (dropout 0) or X Wᵀ + b + s·D(X) W'ᵀ (dropout p), with exact dα, dβ, dX."""
+    """Y = X W_effᵀ + b (dropout 0) or X Wᵀ + b + s·D(X) W'ᵀ (dropout p), with exact dα, dβ, dX.
+
+    W_eff (or W') is never materialised whole: it is built chunk by chunk of rows (about 2 MB each)
+    right before the GEMM that reads it, in forward and again in backward, so the elementwise work
+    runs in cache and only X (plus the dropout mask) is kept for backward.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, alpha, beta, scale, dropout_p):
-        compute_dtype = x.dtype
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        keep = None
         if dropout_p > 0.0:
-            keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
-            x_drop = x * keep / (1.0 - dropout_p)
-            w_prime = spp_factor(alpha, beta).mul_(weight.to(alpha.dtype)).to(compute_dtype)
-            y = F.linear(x, weight.to(compute_dtype), bias) + scale * F.linear(x_drop, w_prime)
-            ctx.save_for_backward(x, keep, weight, alpha, beta)
-        else:
-            w_eff = effective_weight(weight, alpha, beta, scale).to(compute_dtype)
-            y = F.linear(x, w_eff, bias)
-            ctx.save_for_backward(x, None, weight, alpha, beta)
-        ctx.scale, ctx.dropout_p = scale, dropout_p
-        ctx.has_bias = bias is not None
-        return y
+            keep = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
+            x_branch = x2 * keep / (1.0 - dropout_p)
+        outs = []
+        for _, _, w, f in _chunks(weight, alpha, beta):
+            w32 = w.to(f.dtype)
+            if keep is None:  # W_eff = W + s·W⊙F
+                y = x2 @ torch.addcmul(w32, w32, f, value=scale, out=f).to(dtype).t()
+            else:  # base + s · branch, the branch on dropped-out inputs
+                y = torch.addmm(x2 @ w.to(dtype).t(), x_branch, f.mul_(w32).to(dtype).t(), alpha=scale)
+            outs.append(y)
+        y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(x, keep, weight, alpha, beta)
+        ctx.scale, ctx.dropout_p, ctx.has_bias = scale, dropout_p, bias is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -87,27 +112,47 @@ class _FusedSPP(torch.autograd.Function):
         scale, p = ctx.scale, ctx.dropout_p
         g = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        grad_x = grad_alpha = grad_beta = grad_bias = None
-        if p > 0.0:
-            x_in = x2 * keep.reshape(x2.shape) / (1.0 - p)
-        else:
-            x_in = x2
-        if ctx.needs_input_grad[0]:
-            if p > 0.0:
-                w_prime = spp_factor(alpha, beta).mul_(weight.to(alpha.dtype)).to(g.dtype)
-                grad_branch = (g @ w_prime).mul_(keep.reshape(x2.shape)).mul_(scale / (1.0 - p))
-                grad_x = (g @ weight.to(g.dtype)).add_(grad_branch)
-            else:
-                grad_x = g @ effective_weight(weight, alpha, beta, scale).to(g.dtype)
+        x_branch = x2 if keep is None else x2 * keep / (1.0 - p)
+        need_x, need_factors = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        grad_x = torch.zeros_like(x2) if need_x else None
+        grad_branch = torch.zeros_like(x2) if need_x and keep is not None else None
+        grad_alpha = torch.zeros_like(alpha) if need_factors else None
+        grad_beta = torch.zeros_like(beta) if need_factors else None
+        r, n = alpha.shape
+        block = beta.shape[0] // r
+        for start, rows, w, f in _chunks(weight, alpha, beta):
+            g_c = g[:, start : start + rows]
+            w32 = w.to(f.dtype)
+            if need_x:
+                if keep is None:
+                    grad_x.addmm_(g_c, torch.addcmul(w32, w32, f, value=scale).to(g.dtype))
+                else:
+                    grad_x.addmm_(g_c, w.to(g.dtype))
+                    grad_branch.addmm_(g_c, (f * w32).to(g.dtype))
+            if need_factors:
+                # P = (Gᵀ X_branch) ⊙ W for these rows; dα_j = s Σ_i β_i P_i, dβ_i = s Σ_k P_ik α_jk
+                prod = (g_c.t() @ x_branch).to(f.dtype).mul_(w32)
+                first, nblocks, per = start // block, max(1, rows // block), min(rows, block)
+                pv = prod.view(nblocks, per, n)
+                grad_alpha[first : first + nblocks] += torch.bmm(beta[start : start + rows].view(nblocks, 1, per), pv).view(nblocks, n)
+                grad_beta[start : start + rows] = torch.bmm(pv, alpha[first : first + nblocks].view(nblocks, n, 1)).view(rows, 1)
+        if need_x:
+            if keep is not None:
+                grad_x.add_(grad_branch.mul_(keep).mul_(scale / (1.0 - p)))
             grad_x = grad_x.view(x.shape)
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            grad_w = (g.t() @ x_in).to(alpha.dtype)  # ∂L/∂W_eff restricted to the branch input, m × n
-            grad_alpha, grad_beta = _factor_grads(weight.to(alpha.dtype), grad_w, alpha, beta, scale)
-            grad_alpha = grad_alpha if ctx.needs_input_grad[3] else None
-            grad_beta = grad_beta if ctx.needs_input_grad[4] else None
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = g.sum(0)
-        return grad_x, None, grad_bias, grad_alpha, grad_beta, None, None
+        if need_factors:
+            grad_alpha.mul_(scale)
+            grad_beta.mul_(scale)
+        grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return (
+            grad_x,
+            None,
+            grad_bias,
+            grad_alpha if ctx.needs_input_grad[3] else None,
+            grad_beta if ctx.needs_input_grad[4] else None,
+            None,
+            None,
+        )
 
 
 def spp_branch_naive(x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

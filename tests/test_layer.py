@@ -184,3 +184,24 @@ def test_bad_r_names_valid_values():
 def test_unwrappable_module_is_refused():
     with pytest.raises(TypeError, match="Embedding"):
         SPPLinear(nn.Embedding(10, 4))
+
+
+@pytest.mark.parametrize("chunk_bytes", [256, 2048, 1 << 30])  # sub-block chunks, multi-block chunks, one chunk
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_fused_chunking_is_exact(monkeypatch, chunk_bytes, dropout):
+    import spp_hf.layer as layer_mod
+
+    monkeypatch.setattr(layer_mod, "CHUNK_BYTES", chunk_bytes)
+    lin = sparse_linear(m=96, n=16, bias=True)
+    w = lin.weight.detach()
+    alpha = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(96, 1, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+
+    def fused(x, a, b):
+        torch.manual_seed(11)
+        return _FusedSPP.apply(x, w, lin.bias.detach(), a, b, 2.0, dropout)
+
+    if dropout == 0.0:
+        torch.testing.assert_close(fused(x, alpha, beta), paper_reference(x, w, lin.bias.detach(), alpha, beta, 2.0))
+    assert torch.autograd.gradcheck(fused, (x, alpha, beta))

@@ -1,0 +1,121 @@
+"""Forward+backward time and saved-activation memory of one wrapped linear layer, side by side.
+
+Shapes are LLaMA-7B's (4096×4096 attention, 11008×4096 MLP), float32 on the CPU. Compared: the frozen
+base linear alone (the floor: forward + dX), SPP naive / blocked / fused, and PEFT LoRA r=8 on the same
+layer. Input gradients are always computed, as inside a network. Prints absolute numbers and ratios.
+
+    python benchmarks/bench_layer.py            # the full table (several minutes on 2 cores)
+    python benchmarks/bench_layer.py --quick    # small shapes, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from spp_hf import SPPLinear
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a base, SPP or PEFT-wrapped layer."""
+    if isinstance(layer, SPPLinear):
+        return layer.base_layer.weight
+    if hasattr(layer, "base_model"):
+        return layer.base_model.model.proj.base_layer.weight
+    return layer.weight
+
+
+class _Holder(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def make_layer(kind: str, base: nn.Linear) -> nn.Module:
+    if kind == "base":
+        return base.requires_grad_(False)
+    if kind == "lora r=8":
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(_Holder(base), LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
+    return SPPLinear(base, r=16, scale=2.0, impl=kind.split()[-1])
+
+
+def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward beyond parameters and the input (counted once per storage)."""
+    skip = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    del y
+    return sum(seen.values())
+
+
+def one_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    x.grad = None
+    t0 = time.perf_counter()
+    layer(x).backward(grad)
+    return time.perf_counter() - t0
+
+
+def interleaved_times(layers: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, reps: int) -> dict[str, tuple[float, float]]:
+    """Median seconds per step and median ratio to the base, with the methods run in turn each
+    repetition, so a change in machine load hits all of them alike."""
+    times: dict[str, list[float]] = {k: [] for k in layers}
+    for i in range(reps + 1):
+        for kind, layer in layers.items():
+            t = one_step(layer, x, grad)
+            if i:  # the first round warms up allocator and kernels
+                times[kind].append(t)
+    base = times["base"]
+    return {k: (statistics.median(v), statistics.median(a / b for a, b in zip(v, base))) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    shapes = [(1024, 1024, 256)] if args.quick else [(4096, 4096, 512), (11008, 4096, 512), (4096, 4096, 2048), (11008, 4096, 2048)]
+    kinds = ["base", "spp naive", "spp blocked", "spp fused", "lora r=8"]
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, forward+backward (dX and adapter grads)")
+    for m, n, tokens in shapes:
+        torch.manual_seed(0)
+        base = nn.Linear(n, m, bias=False)
+        with torch.no_grad():
+            base.weight[torch.rand_like(base.weight) < 0.5] = 0
+        x = torch.randn(tokens, n, requires_grad=True)
+        grad = torch.randn(tokens, m)
+        layers = {}
+        for kind in kinds:
+            layers[kind] = make_layer(kind, nn.Linear(n, m, bias=False).requires_grad_(False))
+            with torch.no_grad():
+                dense_weight(layers[kind]).copy_(base.weight)
+            if kind.startswith("spp"):
+                nn.init.normal_(layers[kind].spp_beta, std=0.01)
+        saved = {kind: saved_bytes(layer, x) for kind, layer in layers.items()}
+        timed = interleaved_times(layers, x, grad, args.reps)
+        r_naive, r_lora = timed["spp naive"][1], timed["lora r=8"][1]
+        print(f"\nW {m}x{n}, {tokens} tokens (ratios: median over {args.reps} interleaved rounds)")
+        print(f"{'impl':<12} {'ms/step':>9} {'x base':>7} {'x naive':>8} {'x lora':>7} {'saved MiB':>10}")
+        for kind, (t, ratio) in timed.items():
+            print(f"{kind:<12} {t * 1e3:>9.1f} {ratio:>7.2f} {ratio / r_naive:>8.2f} {ratio / r_lora:>7.2f} {saved[kind] / 2**20:>10.2f}")
+        del layers
+
+
+if __name__ == "__main__":
+    main()
