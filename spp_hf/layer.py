@@ -208,6 +208,7 @@ class SPPLinear(nn.Module):
         self.active_adapter = adapter_name
         self._inactive: dict[str, dict] = {}
         self._install(r, scale, dropout, impl, use_beta, zero_init, adapter_dtype)
+        _register_sharded_weight(self)
 
     def _install(self, r, scale, dropout, impl, use_beta, zero_init, adapter_dtype) -> None:
         if self.out_features % r:
@@ -344,6 +345,22 @@ class SPPLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"scale={self.scale}, dropout={self.dropout_p}, impl={self.resolved_impl()}"
         )
+
+
+def _register_sharded_weight(layer: SPPLinear) -> None:
+    """Under DeepSpeed ZeRO-3 the base weight is partitioned and gathered only for the forward of the
+    module that owns it; the SPP layer reads it in its own forward and backward, so register it as
+    an external parameter of the SPP layer (DeepSpeed then gathers it for both passes).
+
+    FSDP needs nothing: it unshards a whole wrapped unit (a decoder layer) around its forward and
+    backward, and the fused function saves the same weight tensor `F.linear` would.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(layer, layer.base_layer.weight)
 
 
 def valid_r_message(name: str, out_features: int, r: int) -> str:
