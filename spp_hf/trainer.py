@@ -1,0 +1,663 @@
+"""`SPPSFTTrainer`: TRL's `SFTTrainer` for SPP adapters on pruned bases.
+
+The trainer injects SPP (``get_spp_model``) before TRL sets up training, so TRL's data handling
+(text, ``messages``, prompt/completion with completion-only loss, packing), gradient checkpointing
+and mixed precision all apply unchanged. What differs from PEFT training:
+
+- only ``spp_alpha`` / ``spp_beta`` are trainable; the pruned base stays frozen;
+- checkpoints and the final save hold the adapter only (``spp_config.json`` +
+  ``spp_adapter.safetensors`` + ``README.md``, plus optimizer/scheduler/RNG/trainer state in
+  checkpoints), and resuming reads ``spp_adapter.safetensors``;
+- every save first checks that the base's zero masks still match the fingerprint taken at the
+  start (the sparsity guard), so a run that damaged the pruned base stops instead of saving.
+
+Sharded training: under FSDP2 parameters are DTensors and under DeepSpeed ZeRO-3 they are
+partitioned; the helpers below (`iter_full_base_weights`, `gather_spp_state`, `load_spp_state`,
+`prepare_spp_for_zero3`) read and write them in full, so the guard, saving and resuming work there too.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import shutil
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import SFTConfig, SFTTrainer
+
+from .config import CONFIG_NAME, WEIGHTS_NAME, SPPConfig
+from .files import atomic_save_safetensors, atomic_write_text
+from .model import SPPMismatchError, SPPModelMixin, check_fingerprint, get_spp_model
+from .sparsity import compare_fingerprints, fingerprint_modules
+from .weights import dense_weight
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
+SPP_PARAM_SUFFIXES = (".spp_alpha", ".spp_beta")
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+class SparsityGuardError(RuntimeError):
+    """The frozen pruned base changed during training: its zero masks no longer match the start."""
+
+
+def bf16_available(use_cpu: bool = False) -> bool:
+    """True where bf16 training is fast: a CUDA device with bf16 support (not this kind of CPU)."""
+    return not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@dataclass
+class SPPSFTConfig(SFTConfig):
+    """`trl.SFTConfig` whose ``bf16`` defaults to "when available" instead of always on.
+
+    TRL turns bf16 on unless fp16 is set, which fails on CPU-only machines (and bf16 is far slower
+    there). Left unset, ``bf16`` here becomes True only on a GPU with bf16 support.
+    """
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = bf16_available(self.use_cpu)
+        super().__post_init__()
+
+
+# --------------------------------------------------------------------------- sharded parameter access
+def _clean_name(name: str) -> str:
+    """Module name without FSDP1 / checkpoint / compile wrapper parts."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def _is_zero3(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 DTensor shard (a collective: call it on every rank); others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@contextmanager
+def _zero3_gathered(params: list[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
+    """DeepSpeed ZeRO-3: gather partitioned parameters for the block (no-op for ordinary tensors)."""
+    params = [p for p in params if _is_zero3(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def _spp_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    from .layer import SPPLinear
+
+    for name, module in model.named_modules():
+        if isinstance(module, SPPLinear):
+            yield _clean_name(name), module
+
+
+def iter_full_base_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, dense (out, in) base weight) of every SPP layer, gathered in full one layer at a time.
+
+    Works on a plain model, under DDP, FSDP2 (DTensor), DeepSpeed ZeRO-3 and, inside
+    ``FSDP.summon_full_params``, FSDP1. Under sharding every rank must iterate (the gathers are collective).
+    """
+    for name, layer in _spp_layers(model):
+        base = layer.base_layer
+        with _zero3_gathered(list(base.parameters(recurse=False))):
+            yield name, _full(dense_weight(base)).detach()
+
+
+def spp_mask_fingerprint(model: nn.Module) -> dict:
+    """Mask fingerprint of the SPP base weights, gathering sharded weights (see `iter_full_base_weights`)."""
+    with torch.no_grad():
+        return fingerprint_modules(iter_full_base_weights(model))
+
+
+def gather_spp_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The active adapter's α/β, in full, on CPU, keyed ``<module>.spp_alpha`` / ``<module>.spp_beta``.
+
+    Collective under FSDP2 / ZeRO-3: call it on every rank.
+    """
+    state = {}
+    for name, layer in _spp_layers(model):
+        with _zero3_gathered([layer.spp_alpha, layer.spp_beta]):
+            state[f"{name}.spp_alpha"] = _full(layer.spp_alpha).detach().cpu().clone()
+            state[f"{name}.spp_beta"] = _full(layer.spp_beta).detach().cpu().clone()
+    return state
+
+
+def load_spp_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy α/β into the active adapter, sharded or not; names and shapes are checked before any write."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    own = {}
+    for name, layer in _spp_layers(model):
+        own[f"{name}.spp_alpha"], own[f"{name}.spp_beta"] = layer.spp_alpha, layer.spp_beta
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"The SPP checkpoint does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}. "
+            "Resume with the same base and the same spp_config (target_modules, r) as the run that saved it."
+        )
+    for key, param in own.items():
+        shape = tuple(param.ds_shape) if _is_zero3(param) else tuple(param.shape)
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"SPP checkpoint tensor {key} has shape {tuple(state[key].shape)}, this model {shape}.")
+    with torch.no_grad():
+        for key, param in own.items():
+            value = state[key].to(param.dtype)
+            if isinstance(param, DTensor):
+                param.copy_(distribute_tensor(value.to(param.device), param.device_mesh, param.placements))
+            else:
+                with _zero3_gathered([param], modifier_rank=0):
+                    param.copy_(value.to(param.device))
+
+
+def prepare_spp_for_zero3(model: nn.Module) -> None:
+    """Make DeepSpeed ZeRO-3 gather each SPP layer's base weight for the layer's whole forward and backward.
+
+    ZeRO-3 fetches a module's own parameters around that module's forward. The fused SPP path reads
+    ``base_layer.weight`` without calling ``base_layer``, so it would see an empty partition.
+    Declaring `SPPLinear` a ZeRO-3 *leaf* module makes DeepSpeed fetch all parameters under it
+    (base weight, bias, α, β) when the SPP layer runs, and again before its backward. Call before
+    ``deepspeed.initialize`` (the trainer does it when ZeRO-3 is configured).
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from .layer import SPPLinear
+
+    set_z3_leaf_modules(model, [SPPLinear])
+
+
+def _fsdp1_full_params(trainer: "SPPSFTTrainer"):
+    """FSDP1 keeps flat shards outside forward: summon the full parameters (read-only) for reads."""
+    if not trainer.is_fsdp_enabled or getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 1:
+        return nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP.summon_full_params(trainer.model_wrapped, writeback=False, recurse=True)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) or _is_zero3(p) for p in model.parameters())
+
+
+def _render_card(config: SPPConfig, model: nn.Module, **info: Any) -> str:
+    """`spp_hf.cards.render_adapter_card`, passing the training details it accepts."""
+    from .cards import render_adapter_card
+
+    params = inspect.signature(render_adapter_card).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return render_adapter_card(config, model, **{k: v for k, v in info.items() if takes_any or k in params})
+
+
+def _call_with_accepted(fn, *args: Any, **kwargs: Any) -> Any:
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return fn(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------- the trainer
+class SPPSFTTrainer(SFTTrainer):
+    """Supervised fine-tuning of an SPP adapter on a pruned base, as a drop-in for `trl.SFTTrainer`.
+
+    Args:
+        model: a pruned base (path, Hub repo id or `PreTrainedModel`), or a model that already has
+            SPP layers (then ``spp_config`` must be None).
+        args: `SFTConfig` (or `SPPSFTConfig`, whose bf16 default suits CPU-only machines).
+        spp_config: the adapter's settings; `SPPConfig()` (the paper's defaults) if None.
+        dataset_name: a name for the data set in the model card (e.g. ``"yahma/alpaca-cleaned"``).
+        quantization_config: `BitsAndBytesConfig` for loading ``model`` from a path in 4/8 bit.
+        peft_config: not accepted (SPP replaces PEFT methods here; LoRA would densify the base).
+
+    Other arguments are those of `trl.SFTTrainer`.
+    """
+
+    _tag_names = ["trl", "sft", "spp", "sparse"]
+    _name = "SPP-SFT"
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        args: SFTConfig | TrainingArguments | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        *,
+        spp_config: SPPConfig | None = None,
+        dataset_name: str | None = None,
+        quantization_config: Any = None,
+        peft_config: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if peft_config is not None:
+            raise ValueError(
+                "SPPSFTTrainer trains SPP adapters and does not take a peft_config: a LoRA-style update is dense "
+                "and would destroy the pruned base's sparsity. Pass spp_config=SPPConfig(...) instead, or use "
+                "trl.SFTTrainer for PEFT methods."
+            )
+        if _is_peft_model(model):
+            raise ValueError(
+                "SPPSFTTrainer got a PEFT model. Pass the pruned base itself (merge_and_unload() any PEFT adapter "
+                "and save it first); SPP layers are attached by the trainer."
+            )
+        args = _as_sft_config(args, model)
+        from transformers import set_seed
+
+        set_seed(args.seed)  # α is randomly initialised: seed first, as TRL does before PEFT
+        if isinstance(model, (str, os.PathLike)):
+            model = self._load_base(str(model), args, quantization_config)
+        elif quantization_config is not None:
+            logger.warning("quantization_config is ignored: the model is already instantiated.")
+        model = self._attach_spp(model, spp_config)
+        start_fingerprint = spp_mask_fingerprint(model)  # the reference of the sparsity guard
+        if getattr(model, "is_quantized", False):
+            _record_full_precision_fingerprint(model)
+        self.dataset_name = dataset_name
+        self._spp_adapter_dtype = {
+            id(p): p.dtype for _, layer in _spp_layers(model) for p in (layer.spp_alpha, layer.spp_beta)
+        }
+        if getattr(model, "is_quantized", False):
+            # transformers' validate_quantization_for_training refuses a quantized model unless it is a
+            # PeftModel or has `_hf_peft_config_loaded`: SPP is exactly such an adapter on a frozen base.
+            model._hf_peft_config_loaded = True
+        if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
+            prepare_spp_for_zero3(model)
+        if args.gradient_checkpointing:
+            # The frozen base gives the embeddings' output no grad; checkpointed blocks need it to backprop.
+            model.enable_input_require_grads()
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        self._restore_adapter_dtype()
+        self._check_trainable()
+        self.spp_start_fingerprint = start_fingerprint
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _load_base(name_or_path: str, args: SFTConfig, quantization_config: Any) -> nn.Module:
+        """Load the pruned base as TRL would (model_init_kwargs, float32 default, no device_map under DDP)."""
+        from trl.trainer.utils import create_model_from_path
+
+        kwargs = dict(args.model_init_kwargs or {})
+        if quantization_config is not None:
+            if "quantization_config" in kwargs:
+                raise ValueError("quantization_config is set both as a trainer argument and in args.model_init_kwargs.")
+            kwargs["quantization_config"] = quantization_config
+        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+            kwargs["device_map"] = None
+        kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        return create_model_from_path(name_or_path, **kwargs)
+
+    @staticmethod
+    def _attach_spp(model: nn.Module, spp_config: SPPConfig | None) -> nn.Module:
+        if isinstance(model, SPPModelMixin):
+            if spp_config is not None:
+                raise ValueError(
+                    "The model already has SPP layers; pass spp_config=None to train them, or pass the plain "
+                    "pruned base together with spp_config."
+                )
+            for _, layer in model.spp_layers():
+                layer.spp_alpha.requires_grad_(True)
+                layer.spp_beta.requires_grad_(layer.use_beta)
+            return model
+        spp_config = spp_config if spp_config is not None else SPPConfig()
+        given = spp_config.mask_fingerprint
+        if given is not None:
+            spp_config.mask_fingerprint = None
+        model = get_spp_model(model, spp_config)
+        if _is_sharded(model):
+            # Loaded partitioned (ZeRO-3 zero.Init): fingerprint the gathered weights, not the empty partitions.
+            spp_config.mask_fingerprint = spp_mask_fingerprint(model)
+        if given is not None:
+            found, spp_config.mask_fingerprint = spp_config.mask_fingerprint, given
+            check_fingerprint(spp_config, found, strict=True)
+        return model
+
+    def _restore_adapter_dtype(self) -> None:
+        """TRL casts trainable parameters of quantized models to bf16 (the QLoRA recipe); SPP keeps
+        `SPPConfig.adapter_dtype` (float32 by default), so put α/β back before the optimizer exists."""
+        for _, layer in _spp_layers(self.model):
+            for param in (layer.spp_alpha, layer.spp_beta):
+                dtype = self._spp_adapter_dtype.get(id(param))
+                if dtype is not None and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
+
+    def _check_trainable(self) -> None:
+        others = [n for n, p in self.model.named_parameters() if p.requires_grad and not n.endswith(SPP_PARAM_SUFFIXES)]
+        if others:
+            raise ValueError(
+                f"SPP trains only spp_alpha/spp_beta, but {len(others)} base parameters are trainable "
+                f"(e.g. {others[:3]}). Something unfroze them (e.g. a chat template that adds tokens resizes the "
+                "embeddings); freeze them or use a chat template without new tokens."
+            )
+
+    @property
+    def spp_model(self) -> nn.Module:
+        """The model with SPP layers, unwrapped from DDP/FSDP/DeepSpeed."""
+        model = self.accelerator.unwrap_model(self.model)
+        return model
+
+    # ------------------------------------------------------------------ sparsity guard
+    def check_sparsity(self) -> None:
+        """Compare the base's zero masks with the fingerprint taken at the start; raise on any change.
+
+        Collective under sharding: every rank calls it (`save_model` does).
+        """
+        expected = self.spp_start_fingerprint
+        if not expected:
+            return
+        with _fsdp1_full_params(self):
+            found = spp_mask_fingerprint(self.spp_model)
+        difference = compare_fingerprints(expected, found)
+        if difference is not None:
+            raise SparsityGuardError(
+                f"Sparsity guard at step {self.state.global_step}: the pruned base's zero pattern changed during "
+                f"training ({difference}). SPP trains only α/β, so something else wrote to the frozen base weights "
+                "(a callback, a custom optimizer over all parameters, a weight update outside the trainer). "
+                "Training was stopped before saving; the last checkpoint written is unaffected."
+            )
+
+    # ------------------------------------------------------------------ saving
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the adapter only (α/β, spp_config.json, model card), after the sparsity guard."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        self.check_sparsity()
+        self._save(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write spp_config.json + spp_adapter.safetensors + README.md (never the base weights)."""
+        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
+        model = self.spp_model
+        sharded = _is_sharded(model) or (self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1)
+        if sharded:
+            with _fsdp1_full_params(self):
+                state = gather_spp_state(model)  # collective: all ranks
+        if not self.args.should_save:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config = model.active_spp_config
+        if sharded:
+            atomic_save_safetensors(
+                {k: v.float() if v.dtype == torch.float64 else v for k, v in state.items()},
+                output_dir / WEIGHTS_NAME,
+                metadata={"format": "pt", "spp_adapter": model.active_spp_adapter},
+            )
+            config.save_pretrained(output_dir)
+        else:
+            model.save_pretrained(output_dir, selected_adapters=[model.active_spp_adapter])
+        atomic_write_text(output_dir / "README.md", self._card())
+
+    def _card(self, **extra: Any) -> str:
+        model = self.spp_model
+        return _render_card(
+            model.active_spp_config,
+            model,
+            dataset_name=extra.get("dataset_name") or self.dataset_name,
+            final_loss=self.final_loss(),
+            training_args=self.training_summary(),
+        )
+
+    def final_loss(self) -> float | None:
+        """The last logged training loss (or the run's mean loss if no step was logged)."""
+        history = getattr(self.state, "log_history", None) or []
+        for entry in reversed(history):
+            if "loss" in entry:
+                return float(entry["loss"])
+        for entry in reversed(history):
+            if "train_loss" in entry:
+                return float(entry["train_loss"])
+        return None
+
+    def training_summary(self) -> dict[str, Any]:
+        """The training settings a model card should show."""
+        a = self.args
+        summary = {
+            "learning_rate": a.learning_rate,
+            "num_train_epochs": a.num_train_epochs,
+            "max_steps": a.max_steps,
+            "per_device_train_batch_size": a.per_device_train_batch_size,
+            "gradient_accumulation_steps": a.gradient_accumulation_steps,
+            "world_size": a.world_size,
+            "global_batch_size": a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size,
+            "optim": str(getattr(a.optim, "value", a.optim)),
+            "lr_scheduler_type": str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)),
+            "warmup": a.warmup_steps if a.warmup_steps else getattr(a, "warmup_ratio", None),
+            "weight_decay": a.weight_decay,
+            "max_length": a.max_length,
+            "packing": a.packing,
+            "bf16": a.bf16,
+            "seed": a.seed,
+            "global_step": self.state.global_step,
+        }
+        return summary
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags: Any = None, **_: Any) -> None:
+        """Write the SPP adapter card to ``output_dir/README.md`` (TRL calls this on checkpoints and pushes)."""
+        if not self.is_world_process_zero():
+            return
+        atomic_write_text(Path(self.args.output_dir) / "README.md", self._card(dataset_name=dataset_name))
+
+    # ------------------------------------------------------------------ loading
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Load α/β from ``spp_adapter.safetensors`` in a checkpoint (the base is not in it)."""
+        directory = Path(resume_from_checkpoint)
+        state = _read_checkpoint_state(directory)
+        config = SPPConfig.from_json_file(directory / CONFIG_NAME)
+        target = self.spp_model if model is None else self.accelerator.unwrap_model(model)
+        expected = self.spp_model.active_spp_config.mask_fingerprint
+        if config.mask_fingerprint and expected:
+            difference = compare_fingerprints(config.mask_fingerprint, expected)
+            if difference is not None:
+                raise SPPMismatchError(
+                    f"Checkpoint {directory} was trained on a base with another zero pattern ({difference}); "
+                    "resume with the pruned base it was trained on."
+                )
+        with _fsdp1_full_params(self):
+            load_spp_state(target, state)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        logger.info(f"Loading best SPP adapter from {best} (score: {self.state.best_metric}).")
+        self._load_from_checkpoint(best, self.model_wrapped if self.is_fsdp_enabled else None)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.is_deepspeed_enabled:
+            # DeepSpeed's own checkpoint (optimizer + module states): leave the frozen base out of it.
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            if self.args.should_save and not type(self.lr_scheduler).__name__ == "DeepSpeedSchedulerWrapper":
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+            return
+        super()._save_optimizer_and_scheduler(output_dir)
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        if not (self.is_deepspeed_enabled and resume_from_checkpoint is not None):
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        # transformers loads DeepSpeed checkpoints with strict module loading, which fails on a checkpoint
+        # without the frozen base; load it non-strictly, then α/β from the adapter file.
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        load_path, _ = self.model_wrapped.load_checkpoint(
+            resume_from_checkpoint, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise ValueError(f"DeepSpeed could not resume from {resume_from_checkpoint}.")
+        self._load_from_checkpoint(resume_from_checkpoint)
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)
+        return model, train_dataloader
+
+    # ------------------------------------------------------------------ Hub
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Save the adapter into ``output_dir`` and upload only the adapter files with the SPP card."""
+        token = token if token is not None else self.args.hub_token
+        revision = revision if revision is not None else self.args.hub_revision
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(dataset_name=kwargs.get("dataset_name"))
+        self._finish_current_push()
+        repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        return self._upload(self.args.output_dir, repo_id, commit_message, token, revision, private, blocking)
+
+    def _upload(self, folder, repo_id, commit_message, token, revision, private, blocking=True) -> Any:
+        from . import hub
+
+        push_folder = getattr(hub, "push_folder", None)
+        if push_folder is not None:
+            return _call_with_accepted(
+                push_folder, folder, repo_id, token=token, private=private, revision=revision, commit_message=commit_message
+            )
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), allow_patterns=list(ADAPTER_FILES), commit_message=commit_message,
+            revision=revision, run_as_future=not blocking,
+        )  # fmt: skip
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """hub_strategy="every_save": copy the checkpoint's adapter files to output_dir and upload those."""
+        if not self.is_world_process_zero() or str(getattr(self.args.hub_strategy, "value", self.args.hub_strategy)) == "end":
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        for name in ADAPTER_FILES:
+            source = Path(checkpoint_folder) / name
+            if source.is_file():
+                shutil.copy(source, Path(self.args.output_dir) / name)
+        message = f"Training in progress, step {self.state.global_step}"
+        self._upload(self.args.output_dir, self.hub_model_id, message, self.args.hub_token, self.args.hub_revision, None)
+
+
+# --------------------------------------------------------------------------- helpers
+def _is_peft_model(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _as_sft_config(args: SFTConfig | TrainingArguments | None, model: Any) -> SFTConfig:
+    if args is None:
+        name = str(model) if isinstance(model, (str, os.PathLike)) else getattr(model.config, "_name_or_path", "model")
+        return SPPSFTConfig(output_dir=f"{Path(name).name or 'model'}-SPP")
+    if isinstance(args, SFTConfig):
+        return args
+    values = args.to_dict()
+    values["hub_token"] = args.hub_token
+    return SPPSFTConfig(**values)
+
+
+def _record_full_precision_fingerprint(model: nn.Module) -> None:
+    """Give a quantized base's adapter the mask fingerprint of the full-precision checkpoint it came from.
+
+    4-bit NF4 keeps every zero but also rounds some small weights to zero, so the quantized model's
+    masks are a superset of the pruned base's. The adapter is merged onto the full-precision base, so
+    it must carry that base's fingerprint; it is read from the checkpoint's safetensors files. If
+    they cannot be read, the fingerprint is dropped (with a warning) rather than recorded wrongly.
+    """
+    config = model.active_spp_config
+    names = [name for name, _ in _spp_layers(model)]
+    try:
+        config.mask_fingerprint = fingerprint_modules(
+            _checkpoint_weights(config.base_model_name_or_path, config.base_model_revision, model, names)
+        )
+    except (OSError, KeyError, ValueError) as err:
+        warnings.warn(
+            f"Could not read the full-precision weights of {config.base_model_name_or_path!r} ({err}); the adapter "
+            "is saved without a mask fingerprint, so loading it will not check the base's zero pattern.",
+            stacklevel=3,
+        )
+        config.mask_fingerprint = None
+
+
+def _checkpoint_weights(name_or_path: str | None, revision: str | None, model: nn.Module, names: list[str]):
+    """Yield (name, dense (out, in) weight) for `names` from a transformers safetensors checkpoint."""
+    import json
+
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    if not name_or_path:
+        raise ValueError("the model records no base_model_name_or_path")
+    index = cached_file(name_or_path, "model.safetensors.index.json", revision=revision, _raise_exceptions_for_missing_entries=False)
+    if index is not None:
+        weight_map = json.loads(Path(index).read_text())["weight_map"]
+        files = {key: cached_file(name_or_path, shard, revision=revision) for key, shard in weight_map.items()}
+    else:
+        single = cached_file(name_or_path, "model.safetensors", revision=revision)
+        files = None
+    from .weights import in_out_features
+
+    for name in names:
+        key = f"{name}.weight"
+        path = files[key] if files is not None else single
+        with safe_open(str(path), framework="pt") as handle:
+            if key not in handle.keys():
+                raise KeyError(f"{key} not in {path}")
+            tensor = handle.get_tensor(key)
+        in_f, out_f = in_out_features(model.get_submodule(name).base_layer)
+        if tuple(tensor.shape) == (in_f, out_f) and in_f != out_f:  # GPT-2 Conv1D layout
+            tensor = tensor.t()
+        yield name, tensor
+
+
+def _read_checkpoint_state(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+        raise ValueError(
+            f"Can't resume from {directory}: it has no {WEIGHTS_NAME} (found {found[:6]}). Point "
+            f"resume_from_checkpoint to a {PREFIX_CHECKPOINT_DIR}-N folder written by SPPSFTTrainer."
+        )
+    return load_file(str(path))
+
+
+__all__ = [
+    "SPPSFTTrainer",
+    "SPPSFTConfig",
+    "SparsityGuardError",
+    "bf16_available",
+    "gather_spp_state",
+    "iter_full_base_weights",
+    "load_spp_state",
+    "prepare_spp_for_zero3",
+    "spp_mask_fingerprint",
+]
