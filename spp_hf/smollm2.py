@@ -31,7 +31,7 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .files import atomic_path
+    from .files import atomic_dir
 
     folder = gguf_folder()
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype="float32")
@@ -41,11 +41,7 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(target.name + ".partial")
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    with atomic_path(target) as tmp:  # rename the finished folder into place
-        tmp.unlink()
-        staging.rename(tmp)
+    with atomic_dir(target) as staging:  # renamed into place only when complete
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return target

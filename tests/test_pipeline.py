@@ -1,0 +1,82 @@
+"""`spp-hf run` end to end on a fast configuration: a tiny Llama with SmolLM2's tokenizer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import TINY
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from spp_hf.cli import main as cli_main
+from spp_hf.pipeline import PipelineConfig, apply_overrides, gap_closed
+from spp_hf.sparsity import iter_linear_weights
+
+
+@pytest.fixture(scope="module")
+def tiny_dense(smollm2_dir, tmp_path_factory):
+    """A tiny random Llama that speaks SmolLM2's vocabulary, saved as a normal checkpoint."""
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": len(tok), "max_position_embeddings": 512}))
+    path = tmp_path_factory.mktemp("tiny_dense")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+FAST = [
+    "prune.nsamples=4", "prune.seqlen=64", "train.max_steps=4", "train.batch_size=2", "train.max_length=64",
+    "train.save_steps=2", "train.max_samples=16", "eval.ppl_seqlen=128", "eval.ppl_windows=2",
+    "eval.tasks=spp_copa", "eval.limit=4",
+]  # fmt: skip
+
+
+def test_pipeline_runs_resumes_and_keeps_zeros(tiny_dense, tmp_path):
+    args = ["run", "--set", f"model={tiny_dense}", "--set", f"output_dir={tmp_path}", "--set", "name=fast"]
+    for item in FAST:
+        args += ["--set", item]
+    assert cli_main(args) == 0
+    run = tmp_path / "fast"
+    for part in ("pruned/sparsity.json", "spp/adapter/spp_adapter.safetensors", "spp/merged/config.json",
+                 "lora_star/merged/config.json", "eval/spp.json", "report.md", "loss.png", "perplexity.png", "sparsity.png"):  # fmt: skip
+        assert (run / part).exists(), part
+    pruned = AutoModelForCausalLM.from_pretrained(run / "pruned")
+    for variant in ("spp", "lora_star"):  # plain transformers loads the merged models, with the base's zeros
+        merged = AutoModelForCausalLM.from_pretrained(run / variant / "merged")
+        base_w = dict(iter_linear_weights(pruned))
+        for name, w in iter_linear_weights(merged):
+            assert torch.equal(w == 0, base_w[name] == 0), (variant, name)
+        assert any((w == 0).float().mean() > 0.49 for _, w in iter_linear_weights(merged))
+    results = {v: json.loads((run / "eval" / f"{v}.json").read_text()) for v in ("dense", "pruned", "spp", "lora_star")}
+    assert all(math.isfinite(r["ppl"]) and r["ppl_windows"] == 2 for r in results.values())
+    assert 0.0 <= results["spp"]["zero_shot"]["spp_copa"]["acc"] <= 1.0
+    report = (run / "report.md").read_text()
+    assert "identical to" in report and "LoRA*" in report
+    losses = json.loads((run / "spp" / "train" / "loss_history.json").read_text())
+    assert [s for s, _ in losses] == [1, 2, 3, 4]
+
+    # a second run skips every finished stage: nothing is retrained or re-evaluated
+    stamp = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+    assert cli_main(args) == 0
+    assert stamp == {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = PipelineConfig.from_dict(apply_overrides({}, ["train.max_steps=7", "prune.sparsity=0.5", "name=x"]))
+    assert cfg.train.max_steps == 7 and cfg.prune.sparsity == 0.5 and cfg.run_dir.name == "x"
+    with pytest.raises(ValueError, match="train.max_stepz"):
+        PipelineConfig.from_dict({"train": {"max_stepz": 1}})
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides({}, ["train.max_steps"])
+    path = tmp_path / "c.yaml"
+    path.write_text("name: y\ntrain:\n  r: 8\n")
+    assert PipelineConfig.from_yaml(path, ["train.scale=4"]).train.r == 8
+
+
+def test_gap_closed_formula():
+    assert gap_closed(100.0, 10.0, 10.0) == pytest.approx(1.0)
+    assert gap_closed(100.0, 100.0, 10.0) == pytest.approx(0.0)
+    assert gap_closed(100.0, math.sqrt(1000.0), 10.0) == pytest.approx(0.5)
