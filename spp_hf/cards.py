@@ -1,7 +1,445 @@
-"""Model-card rendering (placeholder until the Hub issue lands the templates)."""
+"""Model cards for what spp-hf publishes: a pruned base, an SPP adapter, and a merged model.
+
+Each card is rendered with `huggingface_hub.ModelCard.from_template` from a Jinja template in
+`model_cards/` (shipped in the package as `spp_hf/cards/*.md`), and its YAML metadata is built as a
+`ModelCardData`, so it follows the Hub's schema: `base_model` (+ `base_model_relation`),
+`library_name`, `tags` (spp, sparse, pruned, method, pattern), `datasets`, `license` (inherited
+from the base when it can be read), `model-index` when evaluation results are given.
+
+The usage snippet names the repo the card is pushed to; when that is not known yet the card says
+`PLACEHOLDER_REPO_ID`, which `spp_hf.hub.push_folder` replaces with the repo id it pushes to.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
-def render_adapter_card(config, model=None) -> str:
-    return f"---\nlibrary_name: spp-hf\ntags:\n- spp\n- sparse\nbase_model: {config.base_model_name_or_path}\n---\n# SPP adapter\n"
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
+
+from .config import SPPConfig
+
+PLACEHOLDER_REPO_ID = "<this-repo-id>"
+KNOWN_METHODS = ("magnitude", "wanda", "sparsegpt")
+SPP_URL = "https://github.com/Lucky-Lance/SPP"
+_REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][\w\-.]*/)?[A-Za-z0-9][\w\-.]{0,95}$")
+
+
+# --------------------------------------------------------------------------- public API
+def render_pruned_base_card(
+    base_model: str,
+    method: str,
+    sparsity: str,
+    calibration: str,
+    report: Any,
+    perplexity: float | None = None,
+    *,
+    repo_id: str | None = None,
+    perplexity_dataset: str | None = None,
+    eval_results: dict | None = None,
+    license: str | None = None,  # noqa: A002 - the Hub's metadata field name
+) -> str:
+    """Card of a pruned base: the dense model it came from, method, sparsity, calibration, per-layer sparsity.
+
+    `report` is `SparsityReport.to_dict()`. `perplexity` (measured after pruning) goes in the body, and
+    also in `model-index` when `perplexity_dataset` names the data it was measured on.
+    """
+    report = _report_dict(report)
+    base_meta = base_metadata(base_model)
+    pattern = report.get("pattern") or (sparsity if ":" in str(sparsity) else None)
+    results = dict(eval_results or {})
+    if perplexity is not None and perplexity_dataset:
+        results.setdefault(perplexity_dataset, {})["perplexity"] = perplexity
+    short = (repo_id or base_model or "model").rstrip("/").split("/")[-1]
+    card_data = _card_data(
+        base_model=base_model,
+        relation="quantized",  # the Hub has no "pruned" relation; this lists the model among compressed variants
+        library_name="transformers",
+        license=license or base_meta.get("license"),
+        tags=_tags(method, pattern),
+        datasets=[calibration] if _is_hub_id(calibration) else None,
+        eval_results=results,
+        model_name=repo_id or f"{short} ({method} {sparsity})",
+    )
+    return _render(
+        "pruned_base",
+        card_data,
+        title=f"{base_model} pruned with {method} ({sparsity})",
+        repo_id=repo_id or PLACEHOLDER_REPO_ID,
+        short_name=short,
+        base_link=_link(base_model),
+        method=method,
+        sparsity=sparsity,
+        calibration=calibration,
+        perplexity=_perplexity_cell(perplexity, perplexity_dataset),
+        sparsity_summary=_summary(report),
+        **_sparsity_rows(report),
+        eval_rows=_eval_rows(results),
+        versions=_versions(),
+    )
+
+
+def render_adapter_card(
+    config: SPPConfig,
+    model: Any = None,
+    dataset_name: str | None = None,
+    final_loss: float | None = None,
+    training_args: dict | None = None,
+    eval_results: dict | None = None,
+    *,
+    repo_id: str | None = None,
+    license: str | None = None,  # noqa: A002
+) -> str:
+    """Card of an SPP adapter: its pruned base (pinned revision, mask fingerprint), sparsity, SPP/training settings.
+
+    With `model` (the SPP model) the sparsity table is measured on its base weights; otherwise it
+    comes from the zero counts in `config.mask_fingerprint`.
+    """
+    base = config.base_model_name_or_path
+    base_meta = base_metadata(base, config.base_model_revision)
+    modules = (config.mask_fingerprint or {}).get("modules")
+    report = _model_report(model, modules) if model is not None else _fingerprint_report(config.mask_fingerprint)
+    pattern = report.get("pattern") or base_meta.get("pattern")
+    results = dict(eval_results or {})
+    settings = _spp_settings(config) + [("Adapter parameters", f"{_adapter_params(config):,}")]
+    if dataset_name:
+        settings.append(("Dataset", f"`{dataset_name}`"))
+    if final_loss is not None:
+        settings.append(("Final training loss", f"{final_loss:.4f}"))
+    settings += [(str(k), f"`{v}`") for k, v in sorted((training_args or {}).items()) if v is not None]
+    title = f"SPP adapter for {_short(base)}" if base else "SPP adapter"
+    card_data = _card_data(
+        base_model=base,
+        relation="adapter",
+        library_name="spp-hf",
+        license=license or base_meta.get("license"),
+        tags=_tags(base_meta.get("method"), pattern, extra=["spp-adapter"]),
+        datasets=[dataset_name] if dataset_name and _is_hub_id(dataset_name) else None,
+        eval_results=results,
+        model_name=repo_id or title,
+    )
+    fingerprint = (config.mask_fingerprint or {}).get("hash")
+    return _render(
+        "adapter",
+        card_data,
+        title=title,
+        repo_id=repo_id or PLACEHOLDER_REPO_ID,
+        base_link=_link(base),
+        base_revision=config.base_model_revision or "not recorded",
+        fingerprint=fingerprint[:16] if fingerprint else "not recorded",
+        num_layers=len((config.mask_fingerprint or {}).get("modules", {})),
+        adapter_params=f"{_adapter_params(config):,}",
+        sparsity_summary=_summary(report),
+        **_sparsity_rows(report),
+        training_settings=settings,
+        eval_rows=_eval_rows(results),
+        versions=_versions(),
+    )
+
+
+def render_merged_card(
+    adapter_config: SPPConfig,
+    report: Any,
+    eval_results: dict | None = None,
+    *,
+    repo_id: str | None = None,
+    adapter: str | None = None,
+    dataset_name: str | None = None,
+    license: str | None = None,  # noqa: A002
+) -> str:
+    """Card of a merged model: the pruned base + the adapter folded in, its (unchanged) sparsity, SPP settings.
+
+    `report` is `SparsityReport.to_dict()` of the merged model; `adapter` names where the adapter came from.
+    """
+    report = _report_dict(report)
+    base = adapter_config.base_model_name_or_path
+    base_meta = base_metadata(base, adapter_config.base_model_revision)
+    title = f"{_short(base)} + SPP (merged)" if base else "SPP-merged sparse model"
+    results = dict(eval_results or {})
+    card_data = _card_data(
+        base_model=base,
+        relation="finetune",  # one base, fine-tuned weights: not a "merge" of several models in the Hub's sense
+        library_name="transformers",
+        license=license or base_meta.get("license"),
+        tags=_tags(base_meta.get("method"), report.get("pattern") or base_meta.get("pattern"), extra=["spp-merged"]),
+        datasets=[dataset_name] if dataset_name and _is_hub_id(dataset_name) else None,
+        eval_results=results,
+        model_name=repo_id or title,
+    )
+    fingerprint = (adapter_config.mask_fingerprint or {}).get("hash")
+    settings = _spp_settings(adapter_config)
+    if dataset_name:
+        settings.append(("Dataset", f"`{dataset_name}`"))
+    return _render(
+        "merged",
+        card_data,
+        title=title,
+        repo_id=repo_id or PLACEHOLDER_REPO_ID,
+        base_link=_link(base),
+        base_revision=adapter_config.base_model_revision or "not recorded",
+        fingerprint=fingerprint[:16] if fingerprint else "not recorded",
+        adapter=_link(adapter) if adapter else "not recorded",
+        sparsity_summary=_summary(report),
+        **_sparsity_rows(report),
+        training_settings=settings,
+        eval_rows=_eval_rows(results),
+        versions=_versions(),
+    )
+
+
+def template_path(kind: str) -> Path:
+    """The Jinja template of one card kind ("pruned_base", "adapter", "merged")."""
+    packaged = importlib.resources.files("spp_hf") / "cards" / f"{kind}.md"
+    if packaged.is_file():
+        return Path(str(packaged))
+    source_tree = Path(__file__).resolve().parent.parent / "model_cards" / f"{kind}.md"
+    if source_tree.is_file():
+        return source_tree
+    raise FileNotFoundError(f"No model-card template {kind}.md in spp_hf/cards/ or model_cards/: reinstall spp-hf.")
+
+
+def fill_repo_id(text: str, repo_id: str) -> str:
+    """Put the repo id a card is pushed to where the card still has the placeholder."""
+    return text.replace(PLACEHOLDER_REPO_ID, repo_id)
+
+
+# --------------------------------------------------------------------------- base metadata
+def base_metadata(name_or_path: str | None, revision: str | None = None) -> dict[str, Any]:
+    """License, tags, pruning method and N:M pattern of a base, read from its README.md / sparsity.json.
+
+    Looks in a local folder, else on the Hub (through the cache; nothing in offline mode). Best
+    effort: a base whose files cannot be read gives {} and the card simply omits those fields.
+    """
+    if not name_or_path:
+        return {}
+    return dict(_base_metadata_cached(constants.ENDPOINT, str(name_or_path), revision))
+
+
+def clear_base_metadata_cache() -> None:
+    _base_metadata_cached.cache_clear()
+
+
+@functools.lru_cache(maxsize=32)
+def _base_metadata_cached(endpoint: str, name_or_path: str, revision: str | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    readme = _base_file(name_or_path, "README.md", revision)
+    if readme is not None:
+        try:
+            data = ModelCard.load(readme, ignore_metadata_errors=True).data
+            meta.update({k: v for k, v in (("license", data.license), ("tags", data.tags)) if v})
+        except (ValueError, OSError):
+            pass
+    sparsity = _base_file(name_or_path, "sparsity.json", revision)
+    if sparsity is not None:
+        try:
+            data = json.loads(sparsity.read_text())
+            meta.update({k: data[k] for k in ("method", "pattern") if isinstance(data.get(k), str)})
+        except (ValueError, OSError):
+            pass
+    if "method" not in meta:
+        methods = [t for t in meta.get("tags") or [] if t in KNOWN_METHODS]
+        if methods:
+            meta["method"] = methods[0]
+    return meta
+
+
+def _base_file(name_or_path: str, filename: str, revision: str | None) -> Path | None:
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return local / filename if (local / filename).is_file() else None
+    if not _is_hub_id(name_or_path):
+        return None
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name_or_path, filename, revision=revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    if constants.is_offline_mode():
+        return None
+    try:
+        # One quick HEAD without retries first: hf_hub_download retries for ~20 s when the Hub is unreachable.
+        get_hf_file_metadata(hf_hub_url(name_or_path, filename, revision=revision), timeout=5)
+        return Path(hf_hub_download(name_or_path, filename, revision=revision))
+    except Exception:  # noqa: BLE001 - best effort: any failure only means the card omits these fields
+        return None
+
+
+# --------------------------------------------------------------------------- helpers
+def _is_hub_id(name: str | None) -> bool:
+    """A Hub repo id (`name` or `namespace/name`), not a path on this machine."""
+    if not name or os.path.exists(os.path.expanduser(name)) or name.startswith((".", "/", "~")):
+        return False
+    data_file = name.endswith((".json", ".jsonl", ".txt", ".csv", ".parquet"))
+    return bool(_REPO_ID_RE.match(name)) and ".." not in name and not data_file
+
+
+def _link(name: str | None) -> str:
+    if not name:
+        return "an unrecorded base model"
+    if _is_hub_id(name):
+        return f"[`{name}`]({constants.ENDPOINT}/{name})"
+    return f"`{name}` (a local folder)"
+
+
+def _short(name: str | None) -> str:
+    return str(name).rstrip("/").split("/")[-1] if name else "model"
+
+
+def _card_data(*, base_model, relation, library_name, license, tags, datasets, eval_results, model_name) -> ModelCardData:  # noqa: A002
+    hub_base = base_model if _is_hub_id(base_model) else None
+    entries = [
+        EvalResult(task_type="text-generation", dataset_type=d, dataset_name=d, metric_type=m, metric_value=v)
+        for d, m, v in _eval_entries(eval_results)
+    ]
+    extra = {"base_model_relation": relation} if hub_base else {}
+    return ModelCardData(
+        base_model=hub_base,
+        library_name=library_name,
+        license=license,
+        tags=tags,
+        datasets=datasets,
+        pipeline_tag="text-generation",
+        eval_results=entries or None,
+        model_name=model_name if entries else None,
+        **extra,
+    )
+
+
+def _tags(method: str | None, pattern: str | None, extra: Iterable[str] = ()) -> list[str]:
+    tags = ["spp", "sparse", "pruned"]
+    if method:
+        tags.append(str(method).lower())
+    tags.append(pattern if pattern else "unstructured")
+    return tags + [t for t in extra if t not in tags]
+
+
+def _render(kind: str, card_data: ModelCardData, **kwargs: Any) -> str:
+    return str(ModelCard.from_template(card_data, template_path=str(template_path(kind)), **kwargs))
+
+
+def _perplexity_cell(perplexity: float | None, dataset: str | None) -> str:
+    if perplexity is None:
+        return "not measured"
+    return f"{perplexity:.3f}" + (f" ({dataset})" if dataset else "")
+
+
+def _report_dict(report: Any) -> dict:
+    if hasattr(report, "to_dict"):
+        report = report.to_dict()
+    if not isinstance(report, dict) or not isinstance(report.get("layers"), list):
+        raise TypeError("report must be SparsityReport.to_dict() (a dict with a 'layers' list)")
+    return report
+
+
+def _model_report(model: Any, names: Iterable[str] | None = None) -> dict:
+    """Sparsity report measured on the model's weights, restricted to `names` (the adapter's layers) if given."""
+    from .sparsity import SparsityReport, sparsity_report
+
+    report = sparsity_report(model)
+    if names is not None:
+        keep = set(names)
+        report = SparsityReport([layer for layer in report.layers if layer.name in keep])
+    return report.to_dict()
+
+
+def _fingerprint_report(fingerprint: dict | None) -> dict:
+    """Per-layer zeros and ratio from the fingerprint an adapter records (no N:M pattern: it stores only hashes)."""
+    layers = []
+    for name, module in (fingerprint or {}).get("modules", {}).items():
+        numel = int(module["shape"][0]) * int(module["shape"][1])
+        layers.append({"name": name, "shape": module["shape"], "zeros": module["zeros"], "numel": numel,
+                       "ratio": module["zeros"] / numel if numel else 0.0, "pattern": None})  # fmt: skip
+    zeros, numel = sum(layer["zeros"] for layer in layers), sum(layer["numel"] for layer in layers)
+    return {"ratio": zeros / numel if numel else 0.0, "zeros": zeros, "numel": numel, "pattern": None, "layers": layers}
+
+
+def _summary(report: dict) -> str:
+    if not report.get("layers"):
+        return "sparsity not recorded"
+    pattern = f", {report['pattern']} pattern" if report.get("pattern") else ""
+    return f"{100 * report['ratio']:.2f}% zeros{pattern}"
+
+
+def _sparsity_rows(report: dict) -> dict[str, list[dict[str, Any]]]:
+    by_type: dict[str, dict[str, Any]] = {}
+    layers = []
+    for layer in report.get("layers", []):
+        kind = layer["name"].rsplit(".", 1)[-1]
+        row = by_type.setdefault(kind, {"name": kind, "count": 0, "zeros": 0, "numel": 0, "patterns": set()})
+        row["count"] += 1
+        row["zeros"] += layer["zeros"]
+        row["numel"] += layer["numel"]
+        row["patterns"].add(layer.get("pattern"))
+        layers.append({"name": layer["name"], "shape": "×".join(map(str, layer["shape"])), "zeros": f"{layer['zeros']:,}",
+                       "ratio": f"{layer['ratio']:.4f}", "pattern": layer.get("pattern") or "-"})  # fmt: skip
+    summary = []
+    for row in by_type.values():
+        patterns = row.pop("patterns")
+        ratio = f"{row['zeros'] / row['numel']:.4f}" if row["numel"] else "-"
+        pattern = (patterns.pop() or "-") if len(patterns) == 1 else "mixed"
+        summary.append({**row, "zeros": f"{row['zeros']:,}", "ratio": ratio, "pattern": pattern})
+    return {"sparsity_by_type": summary, "sparsity_layers": layers}
+
+
+def _spp_settings(config: SPPConfig) -> list[tuple[str, str]]:
+    targets = config.target_modules if isinstance(config.target_modules, str) else ", ".join(config.target_modules)
+    return [
+        ("r (rows of α)", str(config.r)),
+        ("scale s", f"{config.scale:g}"),
+        ("dropout", f"{config.dropout:g}"),
+        ("target modules", f"`{targets}`"),
+        ("trainable β", str(config.use_beta)),
+        ("zero-initialised factor", config.zero_init),
+        ("adapter dtype", config.adapter_dtype),
+    ]
+
+
+def _adapter_params(config: SPPConfig) -> int:
+    """α (r × in) plus β (out × 1, when trained) over the layers in the adapter's fingerprint."""
+    total = 0
+    for module in (config.mask_fingerprint or {}).get("modules", {}).values():
+        out_features, in_features = module["shape"]
+        total += config.r * in_features + (out_features if config.use_beta else 0)
+    return total
+
+
+def _eval_entries(eval_results: dict | None) -> list[tuple[str, str, float]]:
+    """(data, metric, value) from `{data: {metric: value}}` (lm-eval's `results` works as is) or `{metric: value}`.
+
+    lm-eval's filter suffixes (`acc,none`) are dropped, `*_stderr` and non-numeric values skipped.
+    """
+    entries = []
+    for name, value in (eval_results or {}).items():
+        if isinstance(value, dict):
+            for metric, number in value.items():
+                metric = str(metric).split(",")[0]
+                if _is_number(number) and not metric.endswith("_stderr"):
+                    entries.append((str(name), metric, float(number)))
+        elif _is_number(value):
+            entries.append(("evaluation", str(name), float(value)))
+    return entries
+
+
+def _eval_rows(eval_results: dict | None) -> list[dict[str, str]]:
+    return [{"dataset": d, "metric": m, "value": f"{v:.4g}"} for d, m, v in _eval_entries(eval_results)]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _versions() -> list[tuple[str, str]]:
+    import huggingface_hub
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return [("spp-hf", __version__), ("transformers", transformers.__version__), ("torch", torch.__version__),
+            ("huggingface_hub", huggingface_hub.__version__)]  # fmt: skip
