@@ -1,14 +1,473 @@
-"""Hub I/O for adapters, pruned bases and merged models."""
+"""Hub I/O: push adapters, pruned bases and merged models; download adapters with errors that name the fix.
+
+Everything goes through `huggingface_hub` (`HfApi.create_repo` / `create_branch` / `upload_folder`,
+`snapshot_download`), so HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE and the cache behave as everywhere else
+in the Hugging Face stack.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import get_token
+
+from .cards import PLACEHOLDER_REPO_ID, fill_repo_id, render_merged_card
+from .config import CONFIG_NAME, WEIGHTS_NAME, SPPConfig
+from .files import atomic_write_text
+
+SPARSITY_NAME = "sparsity.json"
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
+# Small files that tell what else a repo holds when it is not an SPP adapter.
+KIND_HINT_FILES = ("adapter_config.json", "config.json", SPARSITY_NAME)
 
 
-def download_adapter(repo_id: str, revision: str | None = None, token: str | bool | None = None) -> Path:
-    """Local snapshot of an adapter repo (only the adapter files)."""
-    return Path(
-        snapshot_download(repo_id, revision=revision, token=token, allow_patterns=["spp_config.json", "spp_adapter.safetensors", "README.md"])
+class SPPHubError(OSError):
+    """A Hub repo or revision could not be used; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- push
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    private: bool | None = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | bool | None = None,
+    *,
+    create_pr: bool = False,
+    allow_patterns: list[str] | str | None = None,
+    ignore_patterns: list[str] | str | None = None,
+) -> str:
+    """Upload a folder (pruned base, adapter or merged model) to a Hub repo in one commit.
+
+    Creates the repo (and the `revision` branch) if missing. A README.md that still names
+    `PLACEHOLDER_REPO_ID` is uploaded with `repo_id` filled in (the folder itself is not changed).
+    Returns the `CommitInfo` (a `str`: the commit url; `.oid` is the commit sha).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; save the model/adapter there first (save_pretrained).")
+    api = HfApi(token=token)
+    with _push_errors(repo_id, token):
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision is not None and not revision.startswith("refs/pr/"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        with _card_filled(folder, repo_id) as upload_dir:
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=upload_dir,
+                revision=revision,
+                commit_message=commit_message or f"Upload {describe_folder(folder)} with spp-hf",
+                allow_patterns=allow_patterns,
+                ignore_patterns=ignore_patterns,
+                create_pr=create_pr,
+            )
+
+
+def push_adapter(
+    model: Any,
+    repo_id: str,
+    folder: str | os.PathLike | None = None,
+    private: bool | None = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | bool | None = None,
+    *,
+    create_pr: bool = False,
+) -> str:
+    """Save an SPP model's adapter(s) (into `folder`, or a temp folder) and upload only the adapter files.
+
+    The base weights are never uploaded: the adapter's `spp_config.json` names the base repo and
+    revision, which `SPPModel.from_pretrained` downloads.
+    """
+    for name, config in model.spp_config.items():
+        base = config.base_model_name_or_path
+        if _is_hub_id(base) and config.base_model_revision is None:
+            config.base_model_revision = base_commit(base, token=token)
+        if not _is_hub_id(base):
+            warnings.warn(
+                f"Adapter {name!r} was trained on base {base!r}, which is not a Hub repo id, so "
+                f"SPPModel.from_pretrained({repo_id!r}) will need base_model=... . Push the pruned base first and "
+                "load it from the Hub before training, or set config.base_model_name_or_path/base_model_revision.",
+                stacklevel=2,
+            )
+    names = list(model.spp_config)
+    patterns = list(ADAPTER_FILES)
+    if len(names) > 1:
+        patterns += [f"{n}/{f}" for n in names if n != "default" for f in ADAPTER_FILES]
+    with nullcontext(folder) if folder is not None else tempfile.TemporaryDirectory(prefix="spp-adapter-") as target:
+        model.save_pretrained(target)
+        return push_folder(target, repo_id, private, revision, commit_message or "Upload SPP adapter", token,
+                           create_pr=create_pr, allow_patterns=patterns)  # fmt: skip
+
+
+def base_commit(name: str, revision: str | None = None, token: str | bool | None = None) -> str | None:
+    """The commit sha a base loaded from the Hub came from, to pin it in an adapter's config.
+
+    transformers 5 no longer sets `config._commit_hash`, but `from_pretrained` records the commit it
+    resolved `revision` to in the cache (`refs/<revision>`); that is read first, without a network call.
+    Failing that, the revision's current commit is asked from the Hub (with a warning, since the base
+    may have changed since it was loaded). None for local folders or when neither works.
+    """
+    from huggingface_hub.errors import RevisionResolutionError
+
+    if not _is_hub_id(name):
+        return None
+    api = HfApi(token=token)
+    try:
+        return api.resolve_revision(name, revision=revision, local_files_only=True).resolved
+    except RevisionResolutionError:
+        pass
+    try:
+        sha = api.resolve_revision(name, revision=revision).resolved
+    except (HfHubHTTPError, RevisionResolutionError, OfflineModeIsEnabled):
+        return None
+    warnings.warn(
+        f"Pinned the adapter's base {name!r} to its current revision {sha[:12]} (the loaded revision was not in the "
+        "cache); if the base changed since you loaded it, set config.base_model_revision yourself.",
+        stacklevel=3,
     )
+    return sha
+
+
+def describe_folder(folder: str | os.PathLike) -> str:
+    """'SPP adapter', 'SPP-merged model', 'pruned base' or 'model', from the files in a folder."""
+    folder = Path(folder)
+    if (folder / CONFIG_NAME).is_file():
+        return "SPP adapter"
+    data = read_sparsity_json(folder / SPARSITY_NAME)
+    if data is not None:
+        return "SPP-merged model" if data.get("kind") == "spp-merged" else "pruned base"
+    return "model"
+
+
+@contextmanager
+def _card_filled(folder: Path, repo_id: str) -> Iterator[Path]:
+    """`folder`, or a mirror of it (files symlinked) whose README.md names `repo_id` instead of the placeholder."""
+    readme = folder / "README.md"
+    if not readme.is_file() or PLACEHOLDER_REPO_ID not in readme.read_text(encoding="utf-8"):
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="spp-upload-") as tmp:
+        mirror = Path(tmp)
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = [d for d in dirs if d != ".git"]
+            target = mirror / Path(root).relative_to(folder)
+            target.mkdir(parents=True, exist_ok=True)
+            for name in files:
+                os.symlink(Path(root).resolve() / name, target / name)
+        (mirror / "README.md").unlink()
+        atomic_write_text(mirror / "README.md", fill_repo_id(readme.read_text(encoding="utf-8"), repo_id))
+        yield mirror
+
+
+@contextmanager
+def _push_errors(repo_id: str, token: str | bool | None) -> Iterator[None]:
+    try:
+        yield
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        if status in (401, 403):
+            how = "the token you passed" if token else ("your saved token / HF_TOKEN" if _has_token(token) else "no token")
+            raise SPPHubError(
+                f"Pushing to {repo_id!r} on {constants.ENDPOINT} was refused (HTTP {status}) with {how}. "
+                "Pass a token with write access to that namespace (token=..., HF_TOKEN, or `hf auth login`)."
+            ) from err
+        raise
+
+
+# --------------------------------------------------------------------------- download
+def download_adapter(
+    repo_id: str,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """Local snapshot (in the HF cache) of an SPP adapter repo: only the adapter files are downloaded.
+
+    Honours HF_HUB_OFFLINE and the cache. Raises `SPPHubError` naming the fix when the repo is
+    missing or private, the revision does not exist, the cache lacks it offline, or the repo holds
+    something other than an SPP adapter (a PEFT/LoRA adapter, a full or pruned model).
+    """
+    _check_repo_id(repo_id, "SPP adapter")
+    try:
+        folder = Path(
+            snapshot_download(
+                repo_id, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
+                allow_patterns=[*ADAPTER_FILES, *KIND_HINT_FILES],
+            )  # fmt: skip
+        )
+    except (HfHubHTTPError, EntryNotFoundError, OfflineModeIsEnabled) as err:
+        raise SPPHubError(explain_hub_error(err, repo_id, revision, token, role="adapter")) from err
+    if not (folder / CONFIG_NAME).is_file():
+        raise SPPHubError(_not_an_adapter_message(folder, repo_id, revision))
+    return folder
+
+
+def explain_hub_error(err: BaseException, repo_id: str, revision: str | None, token: str | bool | None, role: str) -> str:
+    """A message for a huggingface_hub error that says what went wrong with which repo and what to do."""
+    what = {"adapter": "SPP adapter", "base": "pruned base model"}.get(role, "model")
+    at = f" (revision {revision!r})" if revision else ""
+    base_fix = (
+        " If the base lives elsewhere, pass base_model=<local folder or repo id> (and base_revision=...) to "
+        "SPPModel.from_pretrained."
+        if role == "base"
+        else ""
+    )
+    if isinstance(err, GatedRepoError):
+        return (
+            f"The {what} repo {repo_id!r} is gated: request access on its Hub page, then pass a token that has it "
+            f"(token=..., HF_TOKEN, or `hf auth login`).{base_fix}"
+        )
+    if isinstance(err, RepositoryNotFoundError):
+        if _has_token(token):
+            auth = "or the token used has no access to it (it may be private to another account)"
+        else:
+            auth = "or it is private and no token was given: pass token=..., set HF_TOKEN, or run `hf auth login`"
+        fix = " Check the repo id" + (", or push the pruned base (spp-hf prune ... --push-to-hub)." if role == "base" else ".")
+        return f"The {what} repo {repo_id!r} was not found on {constants.ENDPOINT}, {auth}.{fix}{base_fix}"
+    if isinstance(err, RevisionNotFoundError):
+        moved = (
+            " The adapter pins this base revision; if the base repo's history was rewritten, pass base_revision=... "
+            "(the mask-fingerprint check then tells whether that revision still has the adapter's zeros)."
+            if role == "base"
+            else " List the branches with HfApi().list_repo_refs(repo_id) and pass revision=<branch or commit>."
+        )
+        return f"The {what} repo {repo_id!r} has no revision {revision!r}.{moved}"
+    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        if constants.is_offline_mode():
+            return (
+                f"HF_HUB_OFFLINE is set and the {what} {repo_id!r}{at} is not in the cache ({constants.HF_HUB_CACHE}). "
+                "Download it once while online (or copy the cache), or unset HF_HUB_OFFLINE."
+            )
+        return (
+            f"Could not reach {constants.ENDPOINT} to download the {what} {repo_id!r}{at}, and it is not in the cache "
+            f"({constants.HF_HUB_CACHE}). Check the connection, or download it once and use HF_HUB_OFFLINE=1."
+        )
+    if isinstance(err, EntryNotFoundError):
+        return f"A file of the {what} {repo_id!r}{at} is missing on the Hub ({err}); the upload is incomplete: push it again."
+    if isinstance(err, HfHubHTTPError) and err.response is not None and err.response.status_code == 401:
+        return f"{constants.ENDPOINT} rejected the token used for {repo_id!r}: pass a valid token (token=..., HF_TOKEN)."
+    return f"Could not download the {what} {repo_id!r}{at}: {err}"
+
+
+@contextmanager
+def base_model_errors(name: str, revision: str | None = None, token: str | bool | None = None) -> Iterator[None]:
+    """Re-raise a failed base download (transformers wraps Hub errors in OSError) as an `SPPHubError` naming the fix.
+
+    Used around `AutoModelForCausalLM.from_pretrained(name, revision=...)` when loading an adapter's base.
+    """
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        hub_err = _find_hub_error(err)
+        if hub_err is None:
+            raise
+        if isinstance(hub_err, HFValidationError):
+            raise SPPHubError(
+                f"The adapter's base {name!r} is neither a local folder nor a valid Hub repo id. Pass "
+                "base_model=<local folder or repo id of the pruned base> to SPPModel.from_pretrained."
+            ) from err
+        raise SPPHubError(explain_hub_error(hub_err, name, revision, token, role="base")) from err
+
+
+def _find_hub_error(err: BaseException | None) -> BaseException | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (HfHubHTTPError, EntryNotFoundError, OfflineModeIsEnabled, HFValidationError)):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _not_an_adapter_message(folder: Path, repo_id: str, revision: str | None) -> str:
+    at = f" (revision {revision!r})" if revision else ""
+    if (folder / "adapter_config.json").is_file():
+        return (
+            f"{repo_id!r}{at} holds a PEFT/LoRA adapter (adapter_config.json), not an SPP adapter (spp_config.json). "
+            "Load it with peft.PeftModel.from_pretrained(base, repo_id); SPPModel only loads SPP adapters."
+        )
+    if (folder / SPARSITY_NAME).is_file() and (folder / "config.json").is_file():
+        return (
+            f"{repo_id!r}{at} is a pruned (or merged) model, not an SPP adapter: load it with "
+            "AutoModelForCausalLM.from_pretrained, or train an adapter on it with get_spp_model."
+        )
+    if (folder / "config.json").is_file():
+        return (
+            f"{repo_id!r}{at} is a full model (config.json), not an SPP adapter: load it with "
+            "AutoModelForCausalLM.from_pretrained, or pass it as base_model=... with an SPP adapter."
+        )
+    return f"{repo_id!r}{at} has no {CONFIG_NAME}, so it is not an SPP adapter. Push one with model.push_to_hub(...)."
+
+
+def _check_repo_id(name: str, what: str) -> None:
+    if not _is_hub_id(name):
+        raise FileNotFoundError(
+            f"{name!r} is neither an existing local folder nor a Hub repo id ('namespace/name'); "
+            f"pass the folder of a saved {what} or its repo id."
+        )
+
+
+def _is_hub_id(name: str | None) -> bool:
+    from .cards import _is_hub_id as is_hub_id
+
+    return is_hub_id(name)
+
+
+def _has_token(token: str | bool | None) -> bool:
+    if token is False:
+        return False
+    return bool(token) or get_token() is not None
+
+
+# --------------------------------------------------------------------------- sparsity.json
+def read_sparsity_json(path: str | os.PathLike) -> dict | None:
+    """The contents of a sparsity.json, or None if there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); re-save or re-download the model.") from None
+    return data if isinstance(data, dict) else None
+
+
+def sparsity_fingerprint(data: dict | None) -> dict | None:
+    """The mask fingerprint ({"hash", "modules"}) recorded in a sparsity.json, under any of the keys we write."""
+    if not data:
+        return None
+    for key in ("mask_fingerprint", "fingerprint"):
+        value = data.get(key)
+        if isinstance(value, dict) and "modules" in value:
+            return value
+    return data if "modules" in data and "hash" in data else None
+
+
+def fetch_sparsity_json(name_or_path: str, revision: str | None = None, token: str | bool | None = None) -> dict | None:
+    """sparsity.json of a local folder or Hub repo (None when it has none or cannot be reached)."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return read_sparsity_json(local / SPARSITY_NAME)
+    if not _is_hub_id(name_or_path):
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return read_sparsity_json(hf_hub_download(name_or_path, SPARSITY_NAME, revision=revision, token=token))
+    except (HfHubHTTPError, EntryNotFoundError, OfflineModeIsEnabled):
+        return None
+
+
+# --------------------------------------------------------------------------- merge
+def merge_to_folder(
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    base_model: str | None = None,
+    base_revision: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    torch_dtype: Any = None,
+    eval_results: dict | None = None,
+    dataset_name: str | None = None,
+    push_to_hub: str | None = None,
+    private: bool | None = False,
+) -> Path:
+    """Merge an adapter into its pruned base and save a plain transformers checkpoint that keeps the base's zeros.
+
+    Writes the model, its tokenizer (when the base has one), `sparsity.json` (report, fingerprint,
+    provenance) and a merged-model card into `out` (which must not exist or be empty; written to a
+    temp folder first, so a failure leaves nothing behind). Refuses to write if a merged layer's
+    zero mask differs from the base's. Optionally pushes the folder to `push_to_hub`.
+    """
+    from .model import SPPModel, resolve_adapter
+    from .sparsity import compare_fingerprints, fingerprint_modules, iter_linear_weights, sparsity_report
+
+    out = Path(out)
+    if isinstance(torch_dtype, str) and torch_dtype != "auto":
+        import torch
+
+        torch_dtype = getattr(torch, torch_dtype)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not empty; pass another --out or remove it.")
+    directory = resolve_adapter(adapter, revision=revision, token=token)
+    config = SPPConfig.from_json_file(directory / CONFIG_NAME)
+    base_name = base_model or config.base_model_name_or_path
+    base_rev = base_revision or (config.base_model_revision if base_model is None else None)
+    model = SPPModel.from_pretrained(
+        str(directory), base_model=base_model, base_revision=base_revision, merge=True, torch_dtype=torch_dtype, token=token
+    )
+    weights = dict(iter_linear_weights(model))
+    expected = config.mask_fingerprint or {}
+    found = fingerprint_modules((name, w) for name, w in weights.items() if name in expected.get("modules", {}))
+    difference = compare_fingerprints(expected, found) if expected else None
+    if difference is not None:
+        raise ValueError(f"The merged weights lost the base's zero mask ({difference}); nothing was written.")
+    report = sparsity_report(model)
+    merged_config = SPPConfig.from_dict(
+        {**config.to_dict(), "base_model_name_or_path": base_name, "base_model_revision": base_rev}
+    )
+    provenance = {
+        "kind": "spp-merged",
+        **report.to_dict(),
+        "mask_fingerprint": fingerprint_modules(weights.items()),
+        "base_model": base_name,
+        "base_model_revision": base_rev,
+        "base_mask_fingerprint": config.mask_fingerprint,
+        "adapter": str(adapter),
+        "adapter_revision": directory.name if directory.parent.name == "snapshots" else revision,
+        "spp_config": config.to_dict(),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        _save_tokenizer(base_name, base_rev, token, tmp)
+        atomic_write_text(tmp / SPARSITY_NAME, json.dumps(provenance, indent=2) + "\n")
+        card = render_merged_card(merged_config, report.to_dict(), eval_results, repo_id=push_to_hub,
+                                  adapter=str(adapter), dataset_name=dataset_name)  # fmt: skip
+        atomic_write_text(tmp / "README.md", card)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if push_to_hub:
+        push_folder(out, push_to_hub, private=private, token=token, commit_message="Upload SPP-merged model")
+    return out
+
+
+def _save_tokenizer(name: str | None, revision: str | None, token: str | bool | None, directory: Path) -> None:
+    """Copy the base's tokenizer next to the merged model (a base without one is fine)."""
+    if not name:
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, token=token)
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    tokenizer.save_pretrained(directory)
