@@ -56,7 +56,6 @@ def render_pruned_base_card(
     results = dict(eval_results or {})
     if perplexity is not None and perplexity_dataset:
         results.setdefault(perplexity_dataset, {})["perplexity"] = perplexity
-    short = (repo_id or base_model or "model").rstrip("/").split("/")[-1]
     card_data = _card_data(
         base_model=base_model,
         relation="quantized",  # the Hub has no "pruned" relation; this lists the model among compressed variants
@@ -65,14 +64,13 @@ def render_pruned_base_card(
         tags=_tags(method, pattern),
         datasets=[calibration] if _is_hub_id(calibration) else None,
         eval_results=results,
-        model_name=repo_id or f"{short} ({method} {sparsity})",
+        model_name=repo_id or f"{_short(base_model)} ({method} {sparsity})",
     )
     return _render(
         "pruned_base",
         card_data,
         title=f"{base_model} pruned with {method} ({sparsity})",
         repo_id=repo_id or PLACEHOLDER_REPO_ID,
-        short_name=short,
         base_link=_link(base_model),
         method=method,
         sparsity=sparsity,
