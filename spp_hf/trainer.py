@@ -12,8 +12,9 @@ and mixed precision all apply unchanged. What differs from PEFT training:
   start (the sparsity guard), so a run that damaged the pruned base stops instead of saving.
 
 Sharded training: under FSDP2 parameters are DTensors and under DeepSpeed ZeRO-3 they are
-partitioned; the helpers below (`iter_full_base_weights`, `gather_spp_state`, `load_spp_state`,
-`prepare_spp_for_zero3`) read and write them in full, so the guard, saving and resuming work there too.
+partitioned; the helpers below (`iter_full_base_weights`, `gather_spp_state`, `load_spp_state`) read
+and write them in full, so the guard, saving and resuming work there too. (The SPP layer's own forward
+under ZeRO-3 is handled in `spp_hf.layer`, which registers the base weight as an external parameter.)
 """
 
 from __future__ import annotations
@@ -169,29 +170,17 @@ def load_spp_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                     param.copy_(value.to(param.device))
 
 
-def prepare_spp_for_zero3(model: nn.Module) -> None:
-    """Make DeepSpeed ZeRO-3 gather each SPP layer's base weight for the layer's whole forward and backward.
-
-    ZeRO-3 fetches a module's own parameters around that module's forward. The fused SPP path reads
-    ``base_layer.weight`` without calling ``base_layer``, so it would see an empty partition.
-    Declaring `SPPLinear` a ZeRO-3 *leaf* module makes DeepSpeed fetch all parameters under it
-    (base weight, bias, α, β) when the SPP layer runs, and again before its backward. Call before
-    ``deepspeed.initialize`` (the trainer does it when ZeRO-3 is configured).
-    """
-    from deepspeed.utils import set_z3_leaf_modules
-
-    from .layer import SPPLinear
-
-    set_z3_leaf_modules(model, [SPPLinear])
-
-
-def _fsdp1_full_params(trainer: "SPPSFTTrainer"):
-    """FSDP1 keeps flat shards outside forward: summon the full parameters (read-only) for reads."""
-    if not trainer.is_fsdp_enabled or getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 1:
+def _fsdp1_full_params(trainer: "SPPSFTTrainer", writeback: bool = False):
+    """FSDP1 keeps flat shards outside forward: summon the full parameters around reads (and writes)."""
+    if not _is_fsdp1(trainer):
         return nullcontext()
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    return FSDP.summon_full_params(trainer.model_wrapped, writeback=False, recurse=True)
+    return FSDP.summon_full_params(trainer.model_wrapped, writeback=writeback, recurse=True)
+
+
+def _is_fsdp1(trainer: "SPPSFTTrainer") -> bool:
+    return bool(trainer.is_fsdp_enabled) and getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -281,8 +270,6 @@ class SPPSFTTrainer(SFTTrainer):
             # transformers' validate_quantization_for_training refuses a quantized model unless it is a
             # PeftModel or has `_hf_peft_config_loaded`: SPP is exactly such an adapter on a frozen base.
             model._hf_peft_config_loaded = True
-        if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
-            prepare_spp_for_zero3(model)
         if args.gradient_checkpointing:
             # The frozen base gives the embeddings' output no grad; checkpointed blocks need it to backprop.
             model.enable_input_require_grads()
@@ -397,7 +384,7 @@ class SPPSFTTrainer(SFTTrainer):
         """Write spp_config.json + spp_adapter.safetensors + README.md (never the base weights)."""
         output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
         model = self.spp_model
-        sharded = _is_sharded(model) or (self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1)
+        sharded = _is_sharded(model) or _is_fsdp1(self)
         if sharded:
             with _fsdp1_full_params(self):
                 state = gather_spp_state(model)  # collective: all ranks
@@ -450,7 +437,7 @@ class SPPSFTTrainer(SFTTrainer):
             "global_batch_size": a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size,
             "optim": str(getattr(a.optim, "value", a.optim)),
             "lr_scheduler_type": str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)),
-            "warmup": a.warmup_steps if a.warmup_steps else getattr(a, "warmup_ratio", None),
+            "warmup_steps": a.warmup_steps,
             "weight_decay": a.weight_decay,
             "max_length": a.max_length,
             "packing": a.packing,
@@ -481,7 +468,7 @@ class SPPSFTTrainer(SFTTrainer):
                     f"Checkpoint {directory} was trained on a base with another zero pattern ({difference}); "
                     "resume with the pruned base it was trained on."
                 )
-        with _fsdp1_full_params(self):
+        with _fsdp1_full_params(self, writeback=True):
             load_spp_state(target, state)
 
     def _load_best_model(self) -> None:
@@ -490,13 +477,19 @@ class SPPSFTTrainer(SFTTrainer):
         self._load_from_checkpoint(best, self.model_wrapped if self.is_fsdp_enabled else None)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """As the Trainer, but DeepSpeed and FSDP checkpoints leave the frozen base out."""
         if self.is_deepspeed_enabled:
-            # DeepSpeed's own checkpoint (optimizer + module states): leave the frozen base out of it.
+            # DeepSpeed's own checkpoint holds optimizer and module states: exclude the frozen base.
             self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
-            if self.args.should_save and not type(self.lr_scheduler).__name__ == "DeepSpeedSchedulerWrapper":
-                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
-            return
-        super()._save_optimizer_and_scheduler(output_dir)
+        elif self.is_fsdp_enabled:
+            # The Trainer also writes a sharded copy of the whole model here; the adapter file suffices.
+            from accelerate.utils import save_fsdp_optimizer
+
+            save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        else:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save and type(self.lr_scheduler).__name__ != "DeepSpeedSchedulerWrapper":
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         if not (self.is_deepspeed_enabled and resume_from_checkpoint is not None):
@@ -658,6 +651,5 @@ __all__ = [
     "gather_spp_state",
     "iter_full_base_weights",
     "load_spp_state",
-    "prepare_spp_for_zero3",
     "spp_mask_fingerprint",
 ]
