@@ -100,7 +100,9 @@ def get_spp_model(model: nn.Module, config: SPPConfig, adapter_name: str = "defa
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
     if config.base_model_revision is None:
-        config.base_model_revision = getattr(model.config, "_commit_hash", None)
+        from .hub import base_commit
+
+        config.base_model_revision = getattr(model.config, "_commit_hash", None) or base_commit(config.base_model_name_or_path)
     return model
 
 
@@ -289,7 +291,7 @@ class SPPModelMixin:
         if push_to_hub:
             from .hub import push_adapter
 
-            push_adapter(self, repo_id=kwargs.get("repo_id") or save_directory.name, folder=save_directory)
+            push_adapter(self, kwargs.get("repo_id") or save_directory.name, folder=save_directory)
 
     def _save_adapter(self, directory: Path, adapter_name: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -313,6 +315,24 @@ class SPPModelMixin:
         check_fingerprint(config, self.spp_fingerprint(), strict=strict)
         self.load_spp_state_dict(state, adapter_name)
         self.set_adapter(adapter_name)
+
+    def push_to_hub(  # type: ignore[override]
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **kwargs: Any,
+    ) -> str:
+        """Upload only the adapter (spp_config.json, spp_adapter.safetensors, README.md with the SPP card)."""
+        from .hub import push_adapter
+
+        return push_adapter(
+            self, repo_id, private=private, revision=revision, commit_message=commit_message, token=token, create_pr=create_pr
+        )
 
     def print_trainable_parameters(self) -> None:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -367,8 +387,11 @@ def load_base_model(name_or_path: str, revision: str | None = None, **kwargs: An
     """Load a causal-LM base with transformers (a local folder or a Hub repo id)."""
     from transformers import AutoModelForCausalLM
 
+    from .hub import base_model_errors
+
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, **kwargs)
+    with base_model_errors(str(name_or_path), revision, kwargs.get("token")):
+        return AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, **kwargs)
 
 
 class SPPModel:
