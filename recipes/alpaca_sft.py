@@ -145,6 +145,11 @@ def load_alpaca(name: str, split: str = "train", max_samples: int | None = None)
     return data
 
 
+def card_dataset_name(name: str) -> str:
+    """The data set as the model card names it: the bundled sample is a subset of tatsu-lab/alpaca."""
+    return "tatsu-lab/alpaca" if name == "bundled" else name
+
+
 def to_sft_format(data: Dataset, train_on_inputs: bool = True) -> Dataset:
     """Alpaca records → TRL rows: ``text`` (loss on everything) or ``prompt``/``completion`` (response only)."""
 
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> SPPSFTTrainer:
         train_dataset=data,
         eval_dataset=eval_data,
         spp_config=spp_args.to_config(),
-        dataset_name=script_args.dataset_name,
+        dataset_name=card_dataset_name(script_args.dataset_name),
         quantization_config=quantization,
     )
     _warn_if_dense(trainer)
@@ -200,7 +205,7 @@ def main(argv: list[str] | None = None) -> SPPSFTTrainer:
         losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
         logger.warning("SPP adapter saved to %s; training loss by step: %s", training_args.output_dir, json.dumps(losses))
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.push_to_hub(dataset_name=card_dataset_name(script_args.dataset_name))
     return trainer
 
 

@@ -407,7 +407,7 @@ class SPPSFTTrainer(SFTTrainer):
         model = self.spp_model
         return _render_card(
             model.active_spp_config,
-            model,
+            None if _is_sharded(model) or _is_fsdp1(self) else model,  # sharded: sparsity from the fingerprint
             dataset_name=extra.get("dataset_name") or self.dataset_name,
             final_loss=self.final_loss(),
             training_args=self.training_summary(),
@@ -533,8 +533,9 @@ class SPPSFTTrainer(SFTTrainer):
         push_folder = getattr(hub, "push_folder", None)
         if push_folder is not None:
             return _call_with_accepted(
-                push_folder, folder, repo_id, token=token, private=private, revision=revision, commit_message=commit_message
-            )
+                push_folder, folder, repo_id, token=token, private=private, revision=revision,
+                commit_message=commit_message, allow_patterns=list(ADAPTER_FILES),
+            )  # fmt: skip
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
