@@ -1,0 +1,207 @@
+"""Seconds per step and peak memory of SFT on SmolLM2-135M: SPP (naive / blocked / fused), PEFT LoRA
+r=8, and full fine-tuning with the pruning mask re-applied after every optimizer step.
+
+Every method runs the same SFT (TRL's SFTTrainer, or SPPSFTTrainer for SPP) on the same batches
+(the bundled Alpaca sample packed into rows of exactly `--seq` tokens, same seed and order), on the
+same targets (q/k/v/o/gate/up/down of SmolLM2 pruned 2:4 by magnitude), fp32, AdamW, dropout 0.05,
+no gradient checkpointing. Full fine-tuning trains those same target weights (embeddings and norms
+stay frozen) and multiplies them by their masks after each step.
+
+Each method runs in a fresh process, so peak memory is comparable: a thread samples the process's
+resident set size (RSS) every 5 ms from the first to the last training step. The first `--warmup`
+steps are not timed. Ratios are against LoRA (targets: SPP ≤ 1.3× LoRA time, ≤ 1.1× LoRA peak memory).
+
+    python benchmarks/bench_train.py                      # 2 warm-up + 5 timed steps of 4 × 256 tokens
+    python benchmarks/bench_train.py --steps 2 --warmup 1 --seq 64 --methods spp-fused lora   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+METHODS = ("spp-naive", "spp-blocked", "spp-fused", "lora", "full-masked")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class RSSSampler:
+    """Peak resident set size of this process, sampled by a background thread while running."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(self._interval)
+
+    def start(self) -> "RSSSampler":
+        self.peak = self._process.memory_info().rss
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+        return self.peak
+
+
+def pruned_smollm2():
+    """SmolLM2-135M with every target weight pruned 2:4 by magnitude, and its masks."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from spp_hf.smollm2 import smollm2_path
+
+    path = smollm2_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    masks = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in TARGETS:
+                w = module.weight
+                groups = w.view(w.shape[0], -1, 4)
+                keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.abs().topk(2, dim=-1).indices, True)
+                w.mul_(keep.view_as(w))
+                masks[name] = keep.view_as(w)
+    return model, AutoTokenizer.from_pretrained(path), masks
+
+
+def run_worker(method: str, steps: int, warmup: int, batch: int, seq: int, out: Path) -> None:
+    import torch
+    from datasets import load_dataset
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+    from spp_hf import SPPConfig, SPPSFTTrainer
+    from spp_hf.trainer import SPPSFTConfig
+
+    model, tokenizer, masks = pruned_smollm2()
+    data = load_dataset("json", data_files=str(ROOT / "spp_hf/data/alpaca/alpaca_sample_500.json"), split="train")
+    data = data.map(lambda r: {"text": f"{r['instruction']}\n{r['input']}\n{r['output']}"}, remove_columns=data.column_names)
+    args = SPPSFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-train-"), max_steps=warmup + steps, per_device_train_batch_size=batch,
+        max_length=seq, packing=True, packing_strategy="wrapped", learning_rate=1e-4, logging_steps=1000,
+        save_strategy="no", report_to="none", gradient_checkpointing=False, disable_tqdm=True, seed=0, bf16=False,
+        dataloader_num_workers=0,
+    )  # fmt: skip
+
+    class Timer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.sampler: RSSSampler | None = None
+
+        def on_train_begin(self, *a, **k):
+            self.sampler = RSSSampler().start()
+
+        def on_step_begin(self, *a, **k):
+            self._t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self._t)
+
+    class ReapplyMask(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            with torch.no_grad():
+                for name, mask in masks.items():
+                    model.get_submodule(name).weight.mul_(mask)
+
+    timer = Timer()
+    common = dict(args=args, train_dataset=data, processing_class=tokenizer, callbacks=[timer])
+    if method.startswith("spp-"):
+        spp = SPPConfig(r=16, scale=2.0, dropout=0.05, target_modules=TARGETS, impl=method.split("-")[1])
+        trainer = SPPSFTTrainer(model, spp_config=spp, **common)
+    elif method == "lora":
+        from peft import LoraConfig
+
+        lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+        trainer = SFTTrainer(model, peft_config=lora, **common)
+    elif method == "full-masked":
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.rsplit(".", 2)[-2] in TARGETS)
+        common["callbacks"].append(ReapplyMask())
+        trainer = SFTTrainer(model, **common)
+    else:
+        raise ValueError(method)
+    before = RSSSampler().start().stop()
+    trainer.train()
+    peak = timer.sampler.stop()
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    if method == "full-masked":  # the mask really was kept
+        assert all(bool((trainer.model.get_submodule(n).weight[~m] == 0).all()) for n, m in masks.items())
+    timed = timer.times[warmup:]
+    out.write_text(json.dumps({
+        "method": method, "trainable": trainable, "step_s": statistics.median(timed), "step_s_all": timed,
+        "rss_before_mb": before / 2**20, "rss_peak_mb": peak / 2**20, "threads": torch.get_num_threads(),
+    }))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        run_worker(args.worker, args.steps, args.warmup, args.batch, args.seq, args.out)
+        return
+
+    env = dict(os.environ, HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods:
+            out = Path(tmp) / f"{method}.json"
+            cmd = [sys.executable, __file__, "--worker", method, "--out", str(out), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq)]  # fmt: skip
+            print(f"running {method} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"{method} failed:\n{proc.stderr[-4000:]}")
+            results.append(json.loads(out.read_text()))
+    print(table(results, args))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def table(results: list[dict], args: argparse.Namespace) -> str:
+    lora = next((r for r in results if r["method"] == "lora"), None)
+    lines = [
+        f"SFT on SmolLM2-135M (2:4 magnitude-pruned), batch {args.batch} x {args.seq} tokens, fp32, "
+        f"{results[0]['threads']} threads; median of {args.steps} steps after {args.warmup} warm-up; one process per method",
+        "",
+        "| method | trainable params | s/step | peak RSS (MB) | RSS before training (MB) | time / LoRA | peak mem / LoRA |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        t_ratio = f"{r['step_s'] / lora['step_s']:.2f}x" if lora else "-"
+        m_ratio = f"{r['rss_peak_mb'] / lora['rss_peak_mb']:.2f}x" if lora else "-"
+        lines.append(
+            f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.2f} | {r['rss_peak_mb']:.0f} | "
+            f"{r['rss_before_mb']:.0f} | {t_ratio} | {m_ratio} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
