@@ -19,7 +19,6 @@ under ZeRO-3 is handled in `spp_hf.layer`, which registers the base weight as an
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import shutil
@@ -38,7 +37,7 @@ from trl import SFTConfig, SFTTrainer
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, SPPConfig
 from .files import atomic_save_safetensors, atomic_write_text
-from .model import SPPMismatchError, SPPModelMixin, check_fingerprint, get_spp_model
+from .model import SPPMismatchError, SPPModelMixin, check_fingerprint, find_target_modules, get_spp_model
 from .sparsity import compare_fingerprints, fingerprint_modules
 from .weights import dense_weight
 
@@ -189,22 +188,6 @@ def _is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) or _is_zero3(p) for p in model.parameters())
 
 
-def _render_card(config: SPPConfig, model: nn.Module, **info: Any) -> str:
-    """`spp_hf.cards.render_adapter_card`, passing the training details it accepts."""
-    from .cards import render_adapter_card
-
-    params = inspect.signature(render_adapter_card).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return render_adapter_card(config, model, **{k: v for k, v in info.items() if takes_any or k in params})
-
-
-def _call_with_accepted(fn, *args: Any, **kwargs: Any) -> Any:
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
-    return fn(*args, **kwargs)
-
-
 # --------------------------------------------------------------------------- the trainer
 class SPPSFTTrainer(SFTTrainer):
     """Supervised fine-tuning of an SPP adapter on a pruned base, as a drop-in for `trl.SFTTrainer`.
@@ -315,16 +298,16 @@ class SPPSFTTrainer(SFTTrainer):
                 layer.spp_beta.requires_grad_(layer.use_beta)
             return model
         spp_config = spp_config if spp_config is not None else SPPConfig()
-        given = spp_config.mask_fingerprint
-        if given is not None:
-            spp_config.mask_fingerprint = None
+        given = spp_config.mask_fingerprint is not None
+        if given and not getattr(model, "is_quantized", False):
+            # A config that names its base's masks (e.g. continuing an adapter) must fit this base: check first.
+            names = find_target_modules(model, spp_config.target_modules)
+            found = fingerprint_modules((n, _full(dense_weight(model.get_submodule(n))).detach()) for n in names)
+            check_fingerprint(spp_config, found, strict=True)
         model = get_spp_model(model, spp_config)
-        if _is_sharded(model):
+        if _is_sharded(model) and not given:
             # Loaded partitioned (ZeRO-3 zero.Init): fingerprint the gathered weights, not the empty partitions.
             spp_config.mask_fingerprint = spp_mask_fingerprint(model)
-        if given is not None:
-            found, spp_config.mask_fingerprint = spp_config.mask_fingerprint, given
-            check_fingerprint(spp_config, found, strict=True)
         return model
 
     def _restore_adapter_dtype(self) -> None:
@@ -405,7 +388,9 @@ class SPPSFTTrainer(SFTTrainer):
 
     def _card(self, **extra: Any) -> str:
         model = self.spp_model
-        return _render_card(
+        from .cards import render_adapter_card
+
+        return render_adapter_card(
             model.active_spp_config,
             None if _is_sharded(model) or _is_fsdp1(self) else model,  # sharded: sparsity from the fingerprint
             dataset_name=extra.get("dataset_name") or self.dataset_name,
@@ -528,21 +513,12 @@ class SPPSFTTrainer(SFTTrainer):
         return self._upload(self.args.output_dir, repo_id, commit_message, token, revision, private, blocking)
 
     def _upload(self, folder, repo_id, commit_message, token, revision, private, blocking=True) -> Any:
-        from . import hub
+        """Upload the adapter files of `folder` (the card's repo-id placeholder filled in)."""
+        from .hub import push_folder
 
-        push_folder = getattr(hub, "push_folder", None)
-        if push_folder is not None:
-            return _call_with_accepted(
-                push_folder, folder, repo_id, token=token, private=private, revision=revision,
-                commit_message=commit_message, allow_patterns=list(ADAPTER_FILES),
-            )  # fmt: skip
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        return api.upload_folder(
-            repo_id=repo_id, folder_path=str(folder), allow_patterns=list(ADAPTER_FILES), commit_message=commit_message,
-            revision=revision, run_as_future=not blocking,
+        return push_folder(
+            folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
+            allow_patterns=list(ADAPTER_FILES),
         )  # fmt: skip
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:

@@ -81,6 +81,16 @@ def test_an_existing_spp_model_is_trained_as_is_but_not_given_a_second_config(tm
     assert t.model is model and model.active_spp_config.r == 8
 
 
+def test_a_config_fingerprinted_on_another_base_is_refused_before_any_change(tmp_path):
+    from spp_hf import SPPLinear, SPPMismatchError
+
+    other = get_spp_model(tiny_pruned_base(seed=1), SPPConfig(r=4)).active_spp_config.mask_fingerprint
+    base = tiny_pruned_base()
+    with pytest.raises(SPPMismatchError):
+        trainer(tmp_path, model=base, spp=SPPConfig(r=4, mask_fingerprint=other))
+    assert not any(isinstance(m, SPPLinear) for m in base.modules())
+
+
 def _formats() -> dict[str, Dataset]:
     records = alpaca_records(8)
     return {
