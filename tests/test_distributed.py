@@ -34,13 +34,15 @@ def _recipe_args(base: Path, out: Path, per_device: int) -> list[str]:
     return [
         "--model_name_or_path", str(base), "--dataset_name", "bundled", "--max_train_samples", "24",
         "--max_steps", "3", "--per_device_train_batch_size", str(per_device), "--max_length", "64",
-        "--learning_rate", "1e-2", "--warmup_steps", "0", "--spp_r", "4", "--spp_dropout", "0.0",
+        "--optim", "sgd", "--learning_rate", "20", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+        "--spp_r", "4", "--spp_dropout", "0.0",
         "--gradient_checkpointing", "false", "--bf16", "false", "--logging_steps", "1", "--save_strategy", "no",
         "--output_dir", str(out), "--seed", "0", "--report_to", "none", "--use_cpu", "true",
     ]  # fmt: skip
 
 
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    """Plain SGD, so that the update is proportional to the gradient (AdamW would hide a wrong scale)."""
     base = save_tiny_base(tmp_path / "base")
     _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes/accelerate/cpu_ddp.yaml"),
           str(RECIPE), *_recipe_args(base, tmp_path / "ddp", per_device=2)])  # fmt: skip
