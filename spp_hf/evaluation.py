@@ -1,0 +1,470 @@
+"""Evaluation of dense, pruned, SPP and merged models: WikiText-2 perplexity and zero-shot accuracy.
+
+Perplexity follows Wanda/SparseGPT (test split joined with "\\n\\n", tokenized once, non-overlapping
+windows). Zero-shot accuracy runs lm-evaluation-harness on the model object: the paper's tasks by name
+when the Hub is reachable, or the small subsets bundled with spp-hf (`spp_*` tasks in `spp_hf/tasks/`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+TASKS_DIR = PACKAGE_DIR / "tasks"
+WIKITEXT2_FILE = PACKAGE_DIR / "data" / "wikitext2" / "test.jsonl"
+
+PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+OFFLINE_TASKS = ("spp_boolq", "spp_arc_easy", "spp_arc_challenge", "spp_openbookqa", "spp_copa")
+TASK_SETS = {"offline": OFFLINE_TASKS, "bundled": OFFLINE_TASKS, "paper": PAPER_TASKS}
+DEFAULT_FEWSHOT = {"mmlu": 5}  # the paper's protocol; every other task is zero-shot
+DEFAULT_SEQLEN_CAP = 2048  # LLaMA-1's context, as in Wanda/SparseGPT; longer contexts are slow on CPUs
+_TRUE = {"1", "true", "yes", "on"}
+
+
+# --------------------------------------------------------------------------- data
+def offline_mode() -> bool:
+    """True when the user asked huggingface_hub / datasets not to use the network."""
+    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+@functools.lru_cache(maxsize=1)
+def hub_available(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers within `timeout` seconds (False at once in offline mode).
+
+    `datasets` retries for ~25 s before failing without a network, so we probe first and use the
+    bundled data when the Hub cannot be reached.
+    """
+    if offline_mode():
+        return False
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # any transport error means "not reachable"
+        return False
+    return True
+
+
+def _read_bundled_wikitext2() -> list[str]:
+    with WIKITEXT2_FILE.open(encoding="utf-8") as handle:
+        return [json.loads(line)["text"] for line in handle if line.strip()]
+
+
+def _load_wikitext2(source: str = "auto") -> tuple[list[str], str]:
+    """(rows, where they came from: "hub" or "bundled")."""
+    if source not in ("auto", "hub", "bundled"):
+        raise ValueError(f"source must be 'auto', 'hub' or 'bundled', not {source!r}.")
+    if source == "bundled" or (source == "auto" and not hub_available()):
+        return _read_bundled_wikitext2(), "bundled"
+    try:
+        import datasets
+
+        rows = datasets.load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test")["text"]
+        return list(rows), "hub"
+    except Exception as err:
+        if source == "hub":
+            raise
+        warnings.warn(f"Could not load WikiText-2 from the Hub ({err}); using the bundled copy (identical rows).", stacklevel=3)
+        return _read_bundled_wikitext2(), "bundled"
+
+
+def load_wikitext2_test(source: str = "auto") -> list[str]:
+    """Rows of WikiText-2 raw (`wikitext-2-raw-v1`) test, as `datasets` gives them (4358 rows).
+
+    `source="auto"` uses the Hub when it is reachable and the bundled copy otherwise (also when
+    HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set); "hub" or "bundled" force one.
+    """
+    return _load_wikitext2(source)[0]
+
+
+# --------------------------------------------------------------------------- perplexity
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    seqlen: int
+    windows: int
+    tokens: int  # predicted tokens: windows * (seqlen - 1)
+    total_tokens: int  # tokens in the whole text
+    source: str | None = None  # "hub", "bundled", or None for user text
+
+
+def default_seqlen(model: torch.nn.Module, cap: int = DEFAULT_SEQLEN_CAP) -> int:
+    """The model's context length (max_position_embeddings or n_positions), capped at `cap`."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, cap)
+    return cap
+
+
+def window_spans(num_tokens: int, seqlen: int, max_windows: int | None = None) -> list[tuple[int, int]]:
+    """Non-overlapping [start, end) windows of `seqlen` tokens: floor(num_tokens / seqlen), or the first `max_windows`."""
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2 (one token of context, one to predict), not {seqlen}.")
+    count = num_tokens // seqlen
+    if max_windows is not None:
+        count = min(count, max_windows)
+    return [(i * seqlen, (i + 1) * seqlen) for i in range(count)]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def perplexity_result(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    text: str | None = None,
+    seqlen: int | None = None,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    source: str = "auto",
+) -> PerplexityResult:
+    """`perplexity` with its bookkeeping (windows, tokens, data source)."""
+    origin = None
+    if text is None:
+        rows, origin = _load_wikitext2(source)
+        text = "\n\n".join(rows)  # SparseGPT's join (Wanda joins with " ")
+    seqlen = seqlen or default_seqlen(model)
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
+    spans = window_spans(len(ids), seqlen, max_windows)
+    if not spans:
+        raise ValueError(f"The text has {len(ids)} tokens, fewer than one window of seqlen={seqlen}: pass a smaller seqlen.")
+    device = torch.device(device) if device is not None else model_device(model)
+    was_training = model.training
+    model.eval()
+    total_nll, predicted = 0.0, 0
+    try:
+        with torch.no_grad(), tqdm(total=len(spans), desc=f"perplexity (seqlen {seqlen})", unit="window") as bar:
+            for first in range(0, len(spans), batch_size):
+                batch = torch.stack([ids[s:e] for s, e in spans[first : first + batch_size]]).to(device)
+                logits = model(input_ids=batch, use_cache=False).logits
+                for row in range(batch.shape[0]):  # one row at a time keeps the fp32 copy of the logits small
+                    total_nll += F.cross_entropy(logits[row, :-1].float(), batch[row, 1:], reduction="sum").item()
+                predicted += batch[:, 1:].numel()
+                bar.update(batch.shape[0])
+    finally:
+        model.train(was_training)
+    nll = total_nll / predicted
+    return PerplexityResult(math.exp(nll), nll, seqlen, len(spans), predicted, len(ids), origin)
+
+
+def perplexity(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    text: str | None = None,
+    seqlen: int | None = None,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+) -> float:
+    """Perplexity of `text` (default: WikiText-2 raw test) over non-overlapping windows of `seqlen` tokens.
+
+    exp of the mean next-token NLL over every window (each window is scored on its own, shifted by one),
+    as in Wanda/SparseGPT. `seqlen` defaults to the model's context capped at 2048; `max_windows` keeps
+    only the first windows (for quick checks).
+    """
+    return perplexity_result(model, tokenizer, text, seqlen, max_windows, batch_size, device).ppl
+
+
+# --------------------------------------------------------------------------- zero-shot (lm-eval)
+def resolve_tasks(spec: str | Sequence[str] | None = None, online: bool | None = None) -> list[str]:
+    """Expand a user task list into lm-eval task names (order kept, duplicates dropped).
+
+    "offline"/"bundled" → the bundled subsets (spp_boolq, spp_arc_easy, spp_arc_challenge,
+    spp_openbookqa, spp_copa); "paper" → the paper's seven tasks; "default" → "paper" when the Hub is
+    reachable, else "offline"; "none" → nothing; anything else is an lm-eval task name (e.g. "mmlu").
+    Names that need the Hub raise a clear error when it is not reachable.
+    """
+    if spec is None:
+        spec = ["offline"]
+    if isinstance(spec, str):
+        spec = [part for part in spec.replace(",", " ").split() if part]
+    names: list[str] = []
+    for item in spec:
+        key = item.strip()
+        if key.lower() == "none":
+            continue
+        if key.lower() == "default":
+            online = hub_available() if online is None else online
+            key = "paper" if online else "offline"
+        expanded = TASK_SETS.get(key.lower(), (key,))
+        names.extend(name for name in expanded if name not in names)
+    remote = [name for name in names if not name.startswith("spp_")]
+    if remote and not (hub_available() if online is None else online):
+        raise ValueError(
+            f"Tasks {remote} download their data from the Hugging Face Hub, which is not reachable "
+            f"({'offline mode is set' if offline_mode() else 'no network'}). Use the bundled subsets "
+            f"('offline' = {', '.join(OFFLINE_TASKS)}) or connect to the Hub."
+        )
+    return names
+
+
+def task_manager(names: Iterable[str]):
+    """An lm-eval TaskManager that knows the bundled `spp_*` tasks (and the built-in ones when needed)."""
+    from lm_eval.tasks import TaskManager
+
+    needs_defaults = any(not name.startswith("spp_") for name in names)
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_defaults)
+
+
+def _task_metrics(results: dict, name: str, fewshot: int) -> dict:
+    found = results["results"][name]
+    metrics: dict[str, Any] = {}
+    for key, value in found.items():
+        metric, _, filt = key.partition(",")
+        if filt in ("none", "") and metric in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
+            metrics[metric] = None if value in ("N/A", None) else float(value)
+    samples = results.get("n-samples", {}).get(name, {})
+    metrics["n"] = samples.get("effective", found.get("sample_len"))
+    metrics["num_fewshot"] = fewshot
+    return metrics
+
+
+def _task_samples(results: dict, name: str) -> list[dict]:
+    return [
+        {"doc_id": s["doc_id"], "gold": int(s["target"]), "loglikelihoods": [float(r[0]) for r in s["filtered_resps"]]}
+        for s in results.get("samples", {}).get(name, [])
+    ]
+
+
+def zero_shot(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: str | Sequence[str] | None = None,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int | str = 1,
+    log_samples: bool = False,
+) -> dict[str, dict]:
+    """Accuracy of `model` (an in-memory model object) on lm-eval tasks: {task: {acc, acc_norm, ..., n}}.
+
+    `tasks` goes through `resolve_tasks` (default: the bundled subsets). `num_fewshot=None` uses the
+    paper's protocol (0 shots; 5 for mmlu); an int forces it for every task. `limit` caps the
+    questions per task. With `log_samples`, each task also gets `samples`: per question the gold index
+    and the log-likelihood of every choice.
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    names = resolve_tasks(tasks)
+    if not names:
+        return {}
+    groups: dict[int, list[str]] = {}
+    for name in names:
+        shots = num_fewshot if num_fewshot is not None else DEFAULT_FEWSHOT.get(name, 0)
+        groups.setdefault(shots, []).append(name)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    manager = task_manager(names)
+    found: dict[str, dict] = {}
+    was_training = model.training
+    try:
+        for shots, group in groups.items():
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=group, num_fewshot=shots, limit=limit, task_manager=manager,
+                log_samples=log_samples, bootstrap_iters=1000,
+            )  # fmt: skip
+            for name in group:
+                found[name] = _task_metrics(results, name, shots)
+                if log_samples:
+                    found[name]["samples"] = _task_samples(results, name)
+    finally:
+        model.train(was_training)
+    return {name: found[name] for name in names}
+
+
+# --------------------------------------------------------------------------- whole-model evaluation
+def is_spp_adapter(name_or_path: str | os.PathLike, revision: str | None = None) -> bool:
+    """Whether `name_or_path` is an SPP adapter (a folder or Hub repo holding spp_config.json)."""
+    from .config import CONFIG_NAME
+
+    path = Path(name_or_path)
+    if path.is_dir():
+        return (path / CONFIG_NAME).is_file()
+    if path.exists() or not hub_available():
+        return False
+    from huggingface_hub import file_exists
+
+    try:
+        return file_exists(str(name_or_path), CONFIG_NAME, revision=revision)
+    except Exception:  # not a repo id, or no access: let transformers report it when loading
+        return False
+
+
+def load_for_eval(
+    name_or_path: str | os.PathLike,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | None = None,
+    revision: str | None = None,
+) -> tuple[torch.nn.Module, Any, dict]:
+    """(model, tokenizer, info) for a checkpoint folder / repo id, or an SPP adapter (merged on load)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import CONFIG_NAME, SPPConfig
+    from .model import SPPModel, resolve_adapter
+
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    if is_spp_adapter(name_or_path, revision):
+        directory = resolve_adapter(name_or_path, revision=revision)
+        config = SPPConfig.from_json_file(directory / CONFIG_NAME)
+        model = SPPModel.from_pretrained(directory, merge=True, torch_dtype=dtype)
+        tokenizer_source = str(directory) if (directory / "tokenizer_config.json").is_file() else config.base_model_name_or_path
+        info = {"model": str(name_or_path), "kind": "spp-adapter (merged)", "base_model": config.base_model_name_or_path}
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, revision=None if tokenizer_source == str(directory) else config.base_model_revision)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), revision=revision, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision)
+        info = {"model": str(name_or_path), "kind": "checkpoint"}
+    if device:
+        model.to(device)
+    return model.eval(), tokenizer, info
+
+
+def _describe(model: torch.nn.Module) -> dict:
+    from .sparsity import sparsity_report
+
+    report = sparsity_report(model)
+    spp_layers = getattr(model, "spp_layers", None)
+    return {
+        "class": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "sparsity": report.ratio,
+        "sparsity_pattern": report.pattern,
+        "spp_unmerged": bool(spp_layers is not None and any(True for _ in spp_layers())),
+    }
+
+
+def evaluate_model(
+    model_or_path: torch.nn.Module | str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    ppl: bool = True,
+    ppl_seqlen: int | None = None,
+    ppl_windows: int | None = None,
+    ppl_source: str = "auto",
+    tasks: str | Sequence[str] | None = ("offline",),
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 1,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | None = None,
+    out: str | os.PathLike | None = None,
+    print_table: bool = True,
+) -> dict:
+    """Evaluate a model object (dense, pruned, SPP or merged) or a checkpoint / SPP adapter path.
+
+    Returns {"model", "perplexity": {"wikitext2": ...}, "zero_shot": {task: ...}, "zero_shot_mean_acc", ...};
+    prints a table and, with `out`, writes the dict as JSON (atomically).
+    """
+    started = time.time()
+    names = resolve_tasks(tasks) if tasks is not None else []  # fail before loading anything
+    if isinstance(model_or_path, (str, os.PathLike)):
+        model, loaded_tokenizer, info = load_for_eval(model_or_path, dtype=dtype, device=device)
+        tokenizer = tokenizer or loaded_tokenizer
+    else:
+        if tokenizer is None:
+            raise ValueError("evaluate_model(model, tokenizer): pass the tokenizer along with a model object.")
+        model = model_or_path.to(device) if device else model_or_path
+        info = {"model": getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__, "kind": "model object"}
+    from . import __version__
+
+    results: dict[str, Any] = {**info, **_describe(model), "spp_hf_version": __version__}
+    if ppl:
+        found = perplexity_result(model, tokenizer, seqlen=ppl_seqlen, max_windows=ppl_windows, batch_size=batch_size, source=ppl_source)
+        results["perplexity"] = {"wikitext2": asdict(found)}
+    if names:
+        scores = zero_shot(model, tokenizer, names, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
+        results["zero_shot"] = scores
+        accs = [s["acc"] for s in scores.values() if s.get("acc") is not None]
+        results["zero_shot_mean_acc"] = sum(accs) / len(accs) if accs else None
+        results["zero_shot_limit"] = limit
+    results["seconds"] = round(time.time() - started, 1)
+    if print_table:
+        print(format_table(results))
+    if out is not None:
+        from .files import atomic_write_text
+
+        atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table of an `evaluate_model` result."""
+    lines = [f"model: {results.get('model')}  ({results.get('kind')}, {results.get('class')}, sparsity {results.get('sparsity', 0):.2%}"
+             f"{' ' + results['sparsity_pattern'] if results.get('sparsity_pattern') else ''})"]  # fmt: skip
+    rows: list[tuple[str, str, str]] = []
+    for name, found in results.get("perplexity", {}).items():
+        detail = f"seqlen {found['seqlen']}, {found['windows']} windows, {found['source'] or 'text'}"
+        rows.append((f"{name} perplexity", f"{found['ppl']:.3f}", detail))
+    for name, found in results.get("zero_shot", {}).items():
+        acc_norm = found.get("acc_norm")
+        detail = f"n={found.get('n')}, {found.get('num_fewshot')}-shot" + (f", acc_norm {acc_norm:.4f}" if acc_norm is not None else "")
+        acc = found.get("acc")
+        rows.append((f"{name} acc", "-" if acc is None else f"{acc:.4f}", detail))
+    if results.get("zero_shot_mean_acc") is not None:
+        rows.append(("mean zero-shot acc", f"{results['zero_shot_mean_acc']:.4f}", ""))
+    width = max([len(r[0]) for r in rows] + [6])
+    value_width = max([len(r[1]) for r in rows] + [5])
+    lines.append(f"{'metric':<{width}}  {'value':>{value_width}}  detail")
+    lines.extend(f"{a:<{width}}  {b:>{value_width}}  {c}" for a, b, c in rows)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI
+def _run_cli(args: argparse.Namespace) -> int:
+    tasks = None if args.tasks == ["none"] else args.tasks
+    try:
+        evaluate_model(
+            args.model, ppl=not args.no_ppl, ppl_seqlen=args.ppl_seqlen, ppl_windows=args.ppl_windows,
+            ppl_source=args.ppl_source, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+            batch_size=args.batch_size, dtype=args.dtype, device=args.device, out=args.out,
+        )  # fmt: skip
+    except ValueError as err:
+        print(f"spp-hf eval: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add `spp-hf eval MODEL_OR_ADAPTER ...`."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="WikiText-2 perplexity and zero-shot accuracy of a checkpoint or SPP adapter.",
+        description="Evaluate a model folder / Hub repo id, or an SPP adapter (merged onto its pruned base).",
+    )
+    parser.add_argument("model", metavar="MODEL_OR_ADAPTER", help="checkpoint folder or repo id, or an SPP adapter folder or repo")
+    parser.add_argument("--ppl-seqlen", type=int, default=None, help="perplexity window length (default: model context, at most 2048)")
+    parser.add_argument("--ppl-windows", type=int, default=None, help="use only the first K windows (default: all)")
+    parser.add_argument("--ppl-source", choices=("auto", "hub", "bundled"), default="auto", help="where WikiText-2 comes from")
+    parser.add_argument("--no-ppl", action="store_true", help="skip perplexity")
+    parser.add_argument("--tasks", nargs="+", default=["offline"],
+                        help="lm-eval tasks or sets: offline (bundled subsets, default), paper, default, mmlu, none, or task names")  # fmt: skip
+    parser.add_argument("--limit", type=int, default=None, help="at most N questions per task")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="force the shots for every task (default: 0; 5 for mmlu)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", help="torch dtype to load the model in, or 'auto' (default float32)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else None, help="e.g. cuda, cpu (default: cuda when available)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.set_defaults(func=_run_cli)
