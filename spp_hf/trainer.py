@@ -331,8 +331,7 @@ class SPPSFTTrainer(SFTTrainer):
     @property
     def spp_model(self) -> nn.Module:
         """The model with SPP layers, unwrapped from DDP/FSDP/DeepSpeed."""
-        model = self.accelerator.unwrap_model(self.model)
-        return model
+        return self.accelerator.unwrap_model(self.model)
 
     # ------------------------------------------------------------------ sparsity guard
     def check_sparsity(self) -> None:
