@@ -1,0 +1,252 @@
+"""Layer-by-layer calibration that works on any decoder stack without per-model code.
+
+1. `find_decoder_layers` takes the nn.ModuleList of identical blocks holding the most parameters.
+2. `capture_layer_inputs` runs the model on each calibration sample until the first block is called; a
+   forward pre-hook (with_kwargs=True) records the block's hidden states and every other argument the model
+   passes (position embeddings, attention mask, position ids, cache flags, ...) and raises to stop.
+3. `run_sequential` then, for each block: collects statistics of the inputs of its target linear layers,
+   lets the method prune them, and recomputes the block's outputs with the pruned weights, which become
+   the next block's inputs. Only one block's activations (inputs and outputs) are held at a time, and with
+   `device` set only the current block is moved there.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..weights import dense_weight, in_out_features, is_linear_like
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass early."""
+
+
+@dataclass
+class LayerCall:
+    """The first decoder block's inputs: one hidden-state tensor per sample plus the shared other arguments."""
+
+    hidden: torch.Tensor  # (nsamples, seqlen, hidden)
+    args: tuple  # positional arguments after the hidden states
+    kwargs: dict  # keyword arguments (position_embeddings, attention_mask, ...)
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, ModuleList) of the model's decoder blocks: the list of same-type blocks with linear layers and most parameters."""
+    best = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        if not all(any(is_linear_like(m) for m in block.modules()) for block in module):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise ValueError(
+            f"No decoder layers found in {type(model).__name__}: pruning looks for an nn.ModuleList of identical blocks "
+            "that contain linear layers (e.g. model.layers or transformer.h)."
+        )
+    return best[1], best[2]
+
+
+def move_to(obj: Any, device: torch.device | str | None) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to `device`."""
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(move_to(x, device) for x in obj)
+    if isinstance(obj, list):
+        return [move_to(x, device) for x in obj]
+    if isinstance(obj, dict):
+        return {k: move_to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def module_device(module: nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, first_layer: nn.Module, input_ids: torch.Tensor, device: torch.device | str | None = None
+) -> LayerCall:
+    """Run `model` on each row of `input_ids` up to `first_layer` and record that block's call arguments."""
+    device = torch.device(device) if device is not None else module_device(first_layer)
+    model_device = module_device(model)
+    hidden = None
+    filled = 0
+    call: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        nonlocal hidden, filled
+        kwargs = dict(kwargs)
+        x = args[0] if args else kwargs.pop("hidden_states")
+        if hidden is None:  # samples share their length, so the other arguments are the same for all
+            hidden = torch.empty((input_ids.shape[0], *x.shape[1:]), dtype=x.dtype, device=device)
+            call["args"] = move_to(tuple(args[1:]), device)
+            call["kwargs"] = move_to(kwargs, device)
+        hidden[filled] = x[0].to(device)
+        filled += 1
+        raise _StopForward
+
+    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for row in input_ids:
+            try:
+                model(row.unsqueeze(0).to(model_device))
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if filled != input_ids.shape[0]:
+        raise RuntimeError(
+            f"The model's forward did not call its first decoder block for every sample "
+            f"({filled} of {input_ids.shape[0]}); its blocks cannot be calibrated layer by layer."
+        )
+    return LayerCall(hidden, call["args"], call["kwargs"])
+
+
+@contextmanager
+def single_threaded(device: torch.device) -> Iterator[None]:
+    """One CPU thread for the per-module pruning step (restored afterwards).
+
+    Its operations (a column update, a top-k over a row block) are too small to gain from threads, and on
+    a busy CPU the threads' synchronisation made SparseGPT's column loop 10-50x slower (measured on 2 cores).
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
+    """Call a decoder block with the captured arguments; blocks may return a tensor or a tuple."""
+    out = block(hidden, *call.args, **call.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _InputCollector:
+    """Forward pre-hooks feeding each target module's input to its statistics object.
+
+    Modules called on the very same input tensor (q/k/v, gate/up) share one statistics object, since their
+    input statistics are identical. After the first sample, once every target has seen its input the
+    block's forward is stopped, skipping work no statistic needs.
+    """
+
+    def __init__(self, targets: dict[str, nn.Module], make_stats: Callable[[int, torch.device], Any], device: torch.device):
+        self.targets = targets
+        self.make_stats = make_stats
+        self.device = device
+        self.stats: dict[str, Any] = {}
+        self.first_sample = True
+        self.calls: dict[str, int] = {}
+        self.seen_inputs: dict[int, tuple[torch.Tensor, str]] = {}
+        self.early_stop = False
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in targets.items()]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if self.first_sample:
+                owner = self.seen_inputs.get(id(x))
+                if owner is not None and owner[0] is x and self.calls[name] == 1:
+                    self.stats[name] = self.stats[owner[1]]  # same input tensor: share the statistics
+                else:
+                    self.stats.setdefault(name, self.make_stats(in_out_features(module)[0], self.device))
+                    self.seen_inputs[id(x)] = (x, name)
+                    self.stats[name].add_batch(x)
+            elif self.owner_of[name] == name:
+                self.stats[name].add_batch(x)
+            if self.early_stop and len(self.calls) == len(self.targets):
+                raise _StopForward
+
+        return hook
+
+    def end_sample(self) -> None:
+        if self.first_sample:
+            self.first_sample = False
+            self.seen_inputs.clear()
+            self.owner_of = {name: next(n for n in self.stats if self.stats[n] is s) for name, s in self.stats.items()}
+            self.early_stop = set(self.calls) == set(self.targets) and all(c == 1 for c in self.calls.values())
+        self.calls = {}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def block_targets(block: nn.Module, block_name: str, selected: Callable[[str], bool]) -> dict[str, nn.Module]:
+    """Full name -> module of the selected linear-like layers inside one block, in module order."""
+    return {
+        f"{block_name}.{name}": module
+        for name, module in block.named_modules()
+        if name and is_linear_like(module) and selected(f"{block_name}.{name}")
+    }
+
+
+@torch.no_grad()
+def run_sequential(
+    model: nn.Module,
+    layers_name: str,
+    layers: nn.ModuleList,
+    input_ids: torch.Tensor,
+    selected: Callable[[str], bool],
+    make_stats: Callable[[int, torch.device], Any],
+    prune_module: Callable[[str, torch.Tensor, Any], None],
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    desc: str = "pruning",
+) -> None:
+    """Prune every selected linear layer block by block, each block seeing the outputs of the pruned ones before it.
+
+    `make_stats(in_features, device)` makes a statistics object with `add_batch(x)`; `prune_module(name,
+    weight, stats)` prunes a dense (out, in) weight (a view that writes through) in place.
+    """
+    work_device = torch.device(device) if device is not None else module_device(layers[0])
+    call = capture_layer_inputs(model, layers[0], input_ids, work_device)
+    inps, outs = call.hidden, torch.empty_like(call.hidden)
+    for index, block in enumerate(tqdm(layers, desc=desc, unit="layer", disable=not progress)):
+        home = module_device(block)
+        block.to(work_device)
+        block_name = f"{layers_name}.{index}" if layers_name else str(index)
+        targets = block_targets(block, block_name, selected)
+        if targets:
+            collector = _InputCollector(targets, make_stats, work_device)
+            try:
+                for j in range(inps.shape[0]):
+                    try:
+                        run_block(block, inps[j : j + 1], call)
+                    except _StopForward:
+                        pass
+                    collector.end_sample()
+            finally:
+                collector.remove()
+            missing = [name for name in targets if name not in collector.stats]
+            if missing:
+                raise RuntimeError(f"{missing} were never called in their block's forward, so they cannot be calibrated.")
+            with single_threaded(work_device):
+                for name, module in targets.items():
+                    prune_module(name, dense_weight(module), collector.stats[name])
+            del collector
+        if index + 1 < len(layers):
+            for j in range(inps.shape[0]):
+                outs[j : j + 1] = run_block(block, inps[j : j + 1], call)
+            inps, outs = outs, inps
+        block.to(home)
