@@ -183,7 +183,7 @@ def perplexity(
 
     exp of the mean next-token NLL over every window (each window is scored on its own, shifted by one),
     as in Wanda/SparseGPT. `seqlen` defaults to the model's context capped at 2048; `max_windows` keeps
-    only the first windows (for quick checks).
+    only the first windows (for quick checks). Inputs go to `device` (default: the model's device).
     """
     return perplexity_result(model, tokenizer, text, seqlen, max_windows, batch_size, device).ppl
 
@@ -263,7 +263,8 @@ def zero_shot(
     `tasks` goes through `resolve_tasks` (default: the bundled subsets). `num_fewshot=None` uses the
     paper's protocol (0 shots; 5 for mmlu); an int forces it for every task. `limit` caps the
     questions per task. With `log_samples`, each task also gets `samples`: per question the gold index
-    and the log-likelihood of every choice.
+    and the log-likelihood of every choice. The model is scored where it is; note that lm-eval seeds
+    Python's, NumPy's and torch's global random generators.
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -330,9 +331,11 @@ def load_for_eval(
         directory = resolve_adapter(name_or_path, revision=revision)
         config = SPPConfig.from_json_file(directory / CONFIG_NAME)
         model = SPPModel.from_pretrained(directory, merge=True, torch_dtype=dtype)
-        tokenizer_source = str(directory) if (directory / "tokenizer_config.json").is_file() else config.base_model_name_or_path
+        if (directory / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        else:  # adapters carry no tokenizer: use the base's
+            tokenizer = AutoTokenizer.from_pretrained(config.base_model_name_or_path, revision=config.base_model_revision)
         info = {"model": str(name_or_path), "kind": "spp-adapter (merged)", "base_model": config.base_model_name_or_path}
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, revision=None if tokenizer_source == str(directory) else config.base_model_revision)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), revision=revision, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision)
