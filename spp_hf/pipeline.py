@@ -79,7 +79,8 @@ class EvalSettings:
     ppl_seqlen: int = 1024
     ppl_windows: int | None = 8
     tasks: str = "spp_arc_easy,spp_copa"
-    limit: int | None = 25
+    limit: int | None = 20
+    batch_size: int = 8
 
 
 @dataclass
@@ -324,7 +325,7 @@ def stage_eval(cfg: PipelineConfig, paths: dict[str, Path]) -> dict[str, dict]:
             record: dict[str, Any] = {"variant": variant, "path": str(path), "ppl": ppl.ppl, "nll": ppl.nll,
                                       "ppl_windows": ppl.windows, "ppl_seqlen": ppl.seqlen}  # fmt: skip
             if cfg.eval.tasks and cfg.eval.tasks != "none":
-                record["zero_shot"] = zero_shot(model, tokenizer, tasks=cfg.eval.tasks, limit=cfg.eval.limit)
+                record["zero_shot"] = zero_shot(model, tokenizer, tasks=cfg.eval.tasks, limit=cfg.eval.limit, batch_size=cfg.eval.batch_size)
             atomic_write_text(out, json.dumps(record, indent=2))
         results[variant] = json.loads(out.read_text())
     return results
