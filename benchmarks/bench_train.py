@@ -3,7 +3,7 @@ r=8, and full fine-tuning with the pruning mask re-applied after every optimizer
 
 Every method runs the same SFT (TRL's SFTTrainer, or SPPSFTTrainer for SPP) on the same batches
 (the bundled Alpaca sample packed into rows of exactly `--seq` tokens, same seed and order), on the
-same targets (q/k/v/o/gate/up/down of SmolLM2 pruned 2:4 by magnitude), fp32, AdamW, dropout 0.05,
+same targets (q/k/v/o/gate/up/down of SmolLM2 pruned 2:4 by magnitude), fp32, AdamW, dropout 0.05 (--dropout),
 no gradient checkpointing. Full fine-tuning trains those same target weights (embeddings and norms
 stay frozen) and multiplies them by their masks after each step.
 
@@ -83,7 +83,7 @@ def pruned_smollm2():
     return model, AutoTokenizer.from_pretrained(path), masks
 
 
-def run_worker(method: str, steps: int, warmup: int, batch: int, seq: int, out: Path) -> None:
+def run_worker(method: str, steps: int, warmup: int, batch: int, seq: int, dropout: float, out: Path) -> None:
     import torch
     from datasets import load_dataset
     from transformers import TrainerCallback
@@ -125,12 +125,12 @@ def run_worker(method: str, steps: int, warmup: int, batch: int, seq: int, out: 
     timer = Timer()
     common = dict(args=args, train_dataset=data, processing_class=tokenizer, callbacks=[timer])
     if method.startswith("spp-"):
-        spp = SPPConfig(r=16, scale=2.0, dropout=0.05, target_modules=TARGETS, impl=method.split("-")[1])
+        spp = SPPConfig(r=16, scale=2.0, dropout=dropout, target_modules=TARGETS, impl=method.split("-")[1])
         trainer = SPPSFTTrainer(model, spp_config=spp, **common)
     elif method == "lora":
         from peft import LoraConfig
 
-        lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+        lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM")
         trainer = SFTTrainer(model, peft_config=lora, **common)
     elif method == "full-masked":
         for name, param in model.named_parameters():
@@ -159,12 +159,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--dropout", type=float, default=0.05, help="SPP and LoRA dropout (paper: 0.05)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        run_worker(args.worker, args.steps, args.warmup, args.batch, args.seq, args.out)
+        run_worker(args.worker, args.steps, args.warmup, args.batch, args.seq, args.dropout, args.out)
         return
 
     env = dict(os.environ, HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false")
@@ -173,7 +174,8 @@ def main() -> None:
         for method in args.methods:
             out = Path(tmp) / f"{method}.json"
             cmd = [sys.executable, __file__, "--worker", method, "--out", str(out), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq)]  # fmt: skip
+                   "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
+                   "--dropout", str(args.dropout)]  # fmt: skip
             print(f"running {method} ...", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -187,7 +189,7 @@ def main() -> None:
 def table(results: list[dict], args: argparse.Namespace) -> str:
     lora = next((r for r in results if r["method"] == "lora"), None)
     lines = [
-        f"SFT on SmolLM2-135M (2:4 magnitude-pruned), batch {args.batch} x {args.seq} tokens, fp32, "
+        f"SFT on SmolLM2-135M (2:4 magnitude-pruned), batch {args.batch} x {args.seq} tokens, dropout {args.dropout}, fp32, "
         f"{results[0]['threads']} threads; median of {args.steps} steps after {args.warmup} warm-up; one process per method",
         "",
         "| method | trainable params | s/step | peak RSS (MB) | RSS before training (MB) | time / LoRA | peak mem / LoRA |",
