@@ -110,7 +110,7 @@ class _FusedSPP(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, keep, weight, alpha, beta = ctx.saved_tensors
         scale, p = ctx.scale, ctx.dropout_p
-        g = grad_out.reshape(-1, grad_out.shape[-1])
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)  # bf16 under autocast while x is fp32
         x2 = x.reshape(-1, x.shape[-1])
         x_branch = x2 if keep is None else x2 * keep / (1.0 - p)
         need_x, need_factors = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]

@@ -95,6 +95,9 @@ def get_spp_model(model: nn.Module, config: SPPConfig, adapter_name: str = "defa
     model.__class__ = _mixed_class(type(model))
     model.spp_config = {adapter_name: config}
     model.active_spp_adapter = adapter_name
+    if getattr(model, "is_quantized", False):
+        # transformers trains a quantized model only if it carries adapters; SPP is one on a frozen base.
+        model._hf_peft_config_loaded = True
     if config.mask_fingerprint is None:
         config.mask_fingerprint = model.spp_fingerprint()
     if config.base_model_name_or_path is None:
@@ -143,9 +146,13 @@ class SPPModelMixin:
                 yield name, module
 
     def spp_fingerprint(self) -> dict:
-        """Mask fingerprint of the wrapped base weights (shape, zeros, hash per module)."""
-        with torch.no_grad():
-            return fingerprint_modules((name, dense_weight(layer.base_layer)) for name, layer in self.spp_layers())
+        """Mask fingerprint of the wrapped base weights (shape, zeros, hash per module).
+
+        Sharded weights (FSDP2, ZeRO-3) are gathered one layer at a time: call it on every rank.
+        """
+        from .sharding import spp_mask_fingerprint
+
+        return spp_mask_fingerprint(self)
 
     @property
     def active_spp_config(self) -> SPPConfig:
@@ -232,7 +239,7 @@ class SPPModelMixin:
             parent_name, _, child = name.rpartition(".")
             parent = self.get_submodule(parent_name) if parent_name else self
             setattr(parent, child, layer.base_layer)
-        for attr in ("spp_config", "active_spp_adapter"):
+        for attr in ("spp_config", "active_spp_adapter", "_hf_peft_config_loaded"):
             self.__dict__.pop(attr, None)
         self.__class__ = self._spp_base_class
         return self

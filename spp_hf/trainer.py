@@ -12,8 +12,8 @@ and mixed precision all apply unchanged. What differs from PEFT training:
   start (the sparsity guard), so a run that damaged the pruned base stops instead of saving.
 
 Sharded training: under FSDP2 parameters are DTensors and under DeepSpeed ZeRO-3 they are
-partitioned; the helpers below (`iter_full_base_weights`, `gather_spp_state`, `load_spp_state`) read
-and write them in full, so the guard, saving and resuming work there too. (The SPP layer's own forward
+partitioned; the helpers of `spp_hf.sharding` (`iter_full_base_weights`, `gather_spp_state`,
+`load_spp_state`) read and write them in full, so the guard, saving and resuming work there too. (The SPP layer's own forward
 under ZeRO-3 is handled in `spp_hf.layer`, which registers the base weight as an external parameter.)
 """
 
@@ -23,10 +23,10 @@ import logging
 import os
 import shutil
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -38,6 +38,14 @@ from trl import SFTConfig, SFTTrainer
 from .config import CONFIG_NAME, WEIGHTS_NAME, SPPConfig
 from .files import atomic_save_safetensors, atomic_write_text
 from .model import SPPMismatchError, SPPModelMixin, check_fingerprint, find_target_modules, get_spp_model
+from .sharding import (
+    _full,
+    _is_zero3,
+    _spp_layers,
+    gather_spp_state,
+    load_spp_state,
+    spp_mask_fingerprint,
+)
 from .sparsity import compare_fingerprints, fingerprint_modules
 from .weights import dense_weight
 
@@ -45,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
 SPP_PARAM_SUFFIXES = (".spp_alpha", ".spp_beta")
-_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 class SparsityGuardError(RuntimeError):
@@ -72,103 +79,6 @@ class SPPSFTConfig(SFTConfig):
 
 
 # --------------------------------------------------------------------------- sharded parameter access
-def _clean_name(name: str) -> str:
-    """Module name without FSDP1 / checkpoint / compile wrapper parts."""
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
-
-
-def _is_zero3(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id")
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of an FSDP2 DTensor shard (a collective: call it on every rank); others as they are."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-@contextmanager
-def _zero3_gathered(params: list[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
-    """DeepSpeed ZeRO-3: gather partitioned parameters for the block (no-op for ordinary tensors)."""
-    params = [p for p in params if _is_zero3(p)]
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
-        yield
-
-
-def _spp_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    from .layer import SPPLinear
-
-    for name, module in model.named_modules():
-        if isinstance(module, SPPLinear):
-            yield _clean_name(name), module
-
-
-def iter_full_base_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, dense (out, in) base weight) of every SPP layer, gathered in full one layer at a time.
-
-    Works on a plain model, under DDP, FSDP2 (DTensor), DeepSpeed ZeRO-3 and, inside
-    ``FSDP.summon_full_params``, FSDP1. Under sharding every rank must iterate (the gathers are collective).
-    """
-    for name, layer in _spp_layers(model):
-        base = layer.base_layer
-        with _zero3_gathered(list(base.parameters(recurse=False))):
-            yield name, _full(dense_weight(base)).detach()
-
-
-def spp_mask_fingerprint(model: nn.Module) -> dict:
-    """Mask fingerprint of the SPP base weights, gathering sharded weights (see `iter_full_base_weights`)."""
-    with torch.no_grad():
-        return fingerprint_modules(iter_full_base_weights(model))
-
-
-def gather_spp_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The active adapter's α/β, in full, on CPU, keyed ``<module>.spp_alpha`` / ``<module>.spp_beta``.
-
-    Collective under FSDP2 / ZeRO-3: call it on every rank.
-    """
-    state = {}
-    for name, layer in _spp_layers(model):
-        with _zero3_gathered([layer.spp_alpha, layer.spp_beta]):
-            state[f"{name}.spp_alpha"] = _full(layer.spp_alpha).detach().cpu().clone()
-            state[f"{name}.spp_beta"] = _full(layer.spp_beta).detach().cpu().clone()
-    return state
-
-
-def load_spp_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy α/β into the active adapter, sharded or not; names and shapes are checked before any write."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    own = {}
-    for name, layer in _spp_layers(model):
-        own[f"{name}.spp_alpha"], own[f"{name}.spp_beta"] = layer.spp_alpha, layer.spp_beta
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(
-            f"The SPP checkpoint does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}. "
-            "Resume with the same base and the same spp_config (target_modules, r) as the run that saved it."
-        )
-    for key, param in own.items():
-        shape = tuple(param.ds_shape) if _is_zero3(param) else tuple(param.shape)
-        if tuple(state[key].shape) != shape:
-            raise ValueError(f"SPP checkpoint tensor {key} has shape {tuple(state[key].shape)}, this model {shape}.")
-    with torch.no_grad():
-        for key, param in own.items():
-            value = state[key].to(param.dtype)
-            if isinstance(param, DTensor):
-                param.copy_(distribute_tensor(value.to(param.device), param.device_mesh, param.placements))
-            else:
-                with _zero3_gathered([param], modifier_rank=0):
-                    param.copy_(value.to(param.device))
-
-
 def _fsdp1_full_params(trainer: "SPPSFTTrainer", writeback: bool = False):
     """FSDP1 keeps flat shards outside forward: summon the full parameters around reads (and writes)."""
     if not _is_fsdp1(trainer):
@@ -624,8 +534,4 @@ __all__ = [
     "SPPSFTConfig",
     "SparsityGuardError",
     "bf16_available",
-    "gather_spp_state",
-    "iter_full_base_weights",
-    "load_spp_state",
-    "spp_mask_fingerprint",
 ]

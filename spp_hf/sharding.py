@@ -1,0 +1,114 @@
+"""Reading and writing SPP state when parameters are sharded (FSDP2 DTensors, DeepSpeed ZeRO-3 partitions,
+FSDP1 inside `summon_full_params`) as well as on a plain model: one place for every full-tensor access."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .sparsity import fingerprint_modules
+from .weights import dense_weight
+
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _clean_name(name: str) -> str:
+    """Module name without FSDP1 / checkpoint / compile wrapper parts."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def _is_zero3(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 DTensor shard (a collective: call it on every rank); others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@contextmanager
+def _zero3_gathered(params: list[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
+    """DeepSpeed ZeRO-3: gather partitioned parameters for the block (no-op for ordinary tensors)."""
+    params = [p for p in params if _is_zero3(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def _spp_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    from .layer import SPPLinear
+
+    for name, module in model.named_modules():
+        if isinstance(module, SPPLinear):
+            yield _clean_name(name), module
+
+
+def iter_full_base_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, dense (out, in) base weight) of every SPP layer, gathered in full one layer at a time.
+
+    Works on a plain model, under DDP, FSDP2 (DTensor), DeepSpeed ZeRO-3 and, inside
+    ``FSDP.summon_full_params``, FSDP1. Under sharding every rank must iterate (the gathers are collective).
+    """
+    for name, layer in _spp_layers(model):
+        base = layer.base_layer
+        with _zero3_gathered(list(base.parameters(recurse=False))):
+            yield name, _full(dense_weight(base)).detach()
+
+
+def spp_mask_fingerprint(model: nn.Module) -> dict:
+    """Mask fingerprint of the SPP base weights, gathering sharded weights (see `iter_full_base_weights`)."""
+    with torch.no_grad():
+        return fingerprint_modules(iter_full_base_weights(model))
+
+
+def gather_spp_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The active adapter's α/β, in full, on CPU, keyed ``<module>.spp_alpha`` / ``<module>.spp_beta``.
+
+    Collective under FSDP2 / ZeRO-3: call it on every rank.
+    """
+    state = {}
+    for name, layer in _spp_layers(model):
+        with _zero3_gathered([layer.spp_alpha, layer.spp_beta]):
+            state[f"{name}.spp_alpha"] = _full(layer.spp_alpha).detach().cpu().clone()
+            state[f"{name}.spp_beta"] = _full(layer.spp_beta).detach().cpu().clone()
+    return state
+
+
+def load_spp_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy α/β into the active adapter, sharded or not; names and shapes are checked before any write."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    own = {}
+    for name, layer in _spp_layers(model):
+        own[f"{name}.spp_alpha"], own[f"{name}.spp_beta"] = layer.spp_alpha, layer.spp_beta
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"The SPP checkpoint does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}. "
+            "Resume with the same base and the same spp_config (target_modules, r) as the run that saved it."
+        )
+    for key, param in own.items():
+        shape = tuple(param.ds_shape) if _is_zero3(param) else tuple(param.shape)
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"SPP checkpoint tensor {key} has shape {tuple(state[key].shape)}, this model {shape}.")
+    with torch.no_grad():
+        for key, param in own.items():
+            value = state[key].to(param.dtype)
+            if isinstance(param, DTensor):
+                param.copy_(distribute_tensor(value.to(param.device), param.device_mesh, param.placements))
+            else:
+                with _zero3_gathered([param], modifier_rank=0):
+                    param.copy_(value.to(param.device))
+
+
