@@ -56,14 +56,18 @@ def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
         assert torch.equal(v, before[k]), f"{k} changed although pruning failed"
 
 
-def check_exact(weight: torch.Tensor, spec: SparsitySpec) -> None:
+def check_exact(weight: torch.Tensor, spec: SparsitySpec, base_zeros: bool = False) -> None:
+    """Exactly N non-zeros per group of M / exactly int(in * ratio) zeros per row. With `base_zeros` (a dense
+    model that already has a few exact zeros, like SmolLM2's dequantized weights) at most N / at least that many."""
     out_f, in_f = weight.shape
     if spec.is_nm:
         kept = (weight != 0).reshape(out_f, in_f // spec.m, spec.m).sum(-1)
-        assert (kept == spec.n).all(), f"groups with {kept.unique().tolist()} non-zeros, expected exactly {spec.n}"
+        ok = (kept <= spec.n) if base_zeros else (kept == spec.n)
+        assert ok.all(), f"groups with {kept.unique().tolist()} non-zeros, expected exactly {spec.n}"
     else:
         zeros = (weight == 0).sum(1)
-        assert (zeros == int(in_f * spec.ratio)).all(), f"rows with {zeros.unique().tolist()} zeros"
+        ok = (zeros >= int(in_f * spec.ratio)) if base_zeros else (zeros == int(in_f * spec.ratio))
+        assert ok.all(), f"rows with {zeros.unique().tolist()} zeros"
 
 
 def correlated_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor:
@@ -210,19 +214,22 @@ def test_wanda_sequential_matches_full_model_reference(arch):
 class ToyBlock(nn.Module):
     """A block called with keyword-only hidden states that returns a tuple, and needs a replayed kwarg."""
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, strict_batch: bool):
         super().__init__()
         self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.strict_batch = strict_batch
 
     def forward(self, hidden_states=None, scale=None, **kwargs):
+        if self.strict_batch and scale.shape[0] != hidden_states.shape[0]:
+            raise ValueError("scale must have the batch size of hidden_states")
         return (hidden_states + self.down(torch.relu(self.up(hidden_states * scale))), None)
 
 
 class ToyLM(nn.Module):
-    def __init__(self, d: int = 16, vocab: int = 128):
+    def __init__(self, d: int = 16, vocab: int = 128, strict_batch: bool = False):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(ToyBlock(d) for _ in range(3))
+        self.blocks = nn.ModuleList(ToyBlock(d, strict_batch) for _ in range(3))
 
     def get_input_embeddings(self):
         return self.embed
@@ -234,16 +241,42 @@ class ToyLM(nn.Module):
         return h
 
 
-def test_generic_block_with_kwargs_and_tuple_output():
+@pytest.mark.parametrize("strict_batch", [False, True])
+def test_generic_block_with_kwargs_and_tuple_output(strict_batch):
+    """A non-transformers stack: kwargs-only hidden states, tuple outputs, and (strict_batch) captured arguments
+    that do not broadcast over a batch, so block calls must fall back to one sample at a time."""
     torch.manual_seed(0)
-    ours = ToyLM()
+    ours = ToyLM(strict_batch=strict_batch)
     ref = copy.deepcopy(ours)
     ids = random_ids(4, 10)
-    report = prune(ours, "wanda", 0.5, calibration=ids, nsamples=4, seqlen=10, progress=False)
+    report = prune(ours, "wanda", 0.5, calibration=ids, nsamples=4, seqlen=10, batch_size=4, progress=False)
     assert report.modules == [f"blocks.{i}.{n}" for i in range(3) for n in ("up", "down")]
     reference_sequential_wanda(ref, ids, ref.blocks, 0.5)
     for (name, a), (_, b) in zip(ours.named_parameters(), ref.named_parameters()):
         assert torch.equal(a == 0, b == 0), name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_transformers_blocks_accept_batched_calls(arch):
+    """The captured batch-1 arguments broadcast over a batch in all four architectures (so batching is used)."""
+    from spp_hf.pruning.sequential import batching_works, capture_layer_inputs, find_decoder_layers
+
+    model = make_tiny_model(arch)
+    model.config.use_cache = False
+    _, layers = find_decoder_layers(model)
+    call = capture_layer_inputs(model, layers[0], random_ids(4, 16))
+    assert call.hidden.shape == (4, 16, 64)
+    assert batching_works(layers[0], call.hidden, call, batch_size=4)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_batched_block_calls_match_one_sample_at_a_time(method):
+    a, b = make_tiny_model("mistral"), make_tiny_model("mistral")
+    prune(a, method, "2:4", calibration=random_ids(), nsamples=8, seqlen=32, batch_size=1, progress=False)
+    prune(b, method, "2:4", calibration=random_ids(), nsamples=8, seqlen=32, batch_size=3, progress=False)
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(x == 0, y == 0), name
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- SparseGPT
@@ -285,7 +318,7 @@ def test_sparsegpt_lazy_block_updates_equal_unblocked():
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def reconstruction_errors(W: torch.Tensor, X: torch.Tensor, spec: SparsitySpec) -> dict[str, float]:
+def reconstruction_errors(W: torch.Tensor, X: torch.Tensor, spec: SparsitySpec, base_zeros: bool = False) -> dict[str, float]:
     errors = {}
     for method in METHODS:
         w = W.clone()
@@ -299,7 +332,7 @@ def reconstruction_errors(W: torch.Tensor, X: torch.Tensor, spec: SparsitySpec) 
             hessian = Hessian(W.shape[1])
             hessian.add_batch(X)
             sparsegpt_prune_(w, hessian, spec)
-        check_exact(w, spec)
+        check_exact(w, spec, base_zeros)
         errors[method] = torch.linalg.norm(X.double() @ (W - w).double().t()).item()
     return errors
 
@@ -558,7 +591,8 @@ def test_smollm2_reconstruction_sparsegpt_beats_wanda_and_magnitude(smollm2):
     for name, xs in names.items():
         X, W = torch.cat(xs), block.get_submodule(name).weight.detach()
         for sparsity in (0.5, "2:4"):
-            errors = reconstruction_errors(W, X, parse_sparsity(sparsity))
+            errors = reconstruction_errors(W, X, parse_sparsity(sparsity), base_zeros=True)
+            print(name, sparsity, {k: round(v, 2) for k, v in errors.items()})
             assert errors["sparsegpt"] < errors["wanda"] and errors["sparsegpt"] < errors["magnitude"], (name, sparsity, errors)
 
 

@@ -149,13 +149,15 @@ def prune(
     blocksize: int = DEFAULT_BLOCKSIZE,
     percdamp: float = DEFAULT_PERCDAMP,
     progress: bool = True,
+    batch_size: int | None = None,
 ) -> PruneReport:
     """Prune `model` in place with magnitude, Wanda or SparseGPT to a ratio (0.5) or N:M pattern ("2:4").
 
     Wanda and SparseGPT calibrate layer by layer on `nsamples` windows of `seqlen` tokens from
     `calibration` (a local text/jsonl file, a `datasets.Dataset`, a Hub dataset id, a token-id tensor, or
     None for the C4 shard Wanda uses). Every input is checked before any weight changes. `device` moves
-    one decoder block at a time there (e.g. "cuda") while the model stays where it is.
+    one decoder block at a time there (e.g. "cuda") while the model stays where it is. `batch_size` is the
+    number of calibration samples per block call (default: about 4096 tokens per call).
     """
     start = time.perf_counter()
     if method not in METHODS:
@@ -163,6 +165,8 @@ def prune(
     spec = parse_sparsity(sparsity)
     if method == "sparsegpt" and (blocksize < 1 or not 0 <= percdamp < 1):
         raise ValueError(f"SparseGPT needs blocksize >= 1 and 0 <= percdamp < 1 (got {blocksize}, {percdamp}).")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 (got {batch_size}).")
     targets = select_modules(model, modules)
     for name, module in targets:
         if is_quantized(module):
@@ -189,7 +193,7 @@ def prune(
             make_stats, prune_module = _method_fns(method, spec, blocksize, percdamp)
             run_sequential(
                 model, layers_name, layers, calib.input_ids, selected_names.__contains__, make_stats, prune_module,
-                device=device, progress=progress, desc=f"{method} {spec}",
+                device=device, progress=progress, desc=f"{method} {spec}", batch_size=batch_size,
             )
 
     with single_threaded(module_device(model)):

@@ -146,7 +146,8 @@ class _InputCollector:
 
     Modules called on the very same input tensor (q/k/v, gate/up) share one statistics object, since their
     input statistics are identical. After the first sample, once every target has seen its input the
-    block's forward is stopped, skipping work no statistic needs.
+    block's forward is stopped, skipping work no statistic needs. (A "sample" here is one block call, which
+    may hold several calibration samples.)
     """
 
     def __init__(self, targets: dict[str, nn.Module], make_stats: Callable[[int, torch.device], Any], device: torch.device):
@@ -179,7 +180,7 @@ class _InputCollector:
 
         return hook
 
-    def end_sample(self) -> None:
+    def end_batch(self) -> None:
         if self.first_sample:
             self.first_sample = False
             self.seen_inputs.clear()
@@ -202,6 +203,29 @@ def block_targets(block: nn.Module, block_name: str, selected: Callable[[str], b
 
 
 @torch.no_grad()
+def batch_size_for(seqlen: int, tokens_per_call: int = 4096) -> int:
+    """Samples per block call: about `tokens_per_call` tokens (8 x 512, 2 x 2048), never fewer than one sample."""
+    return max(1, tokens_per_call // max(seqlen, 1))
+
+
+@torch.no_grad()
+def batching_works(block: nn.Module, hidden: torch.Tensor, call: LayerCall, batch_size: int) -> bool:
+    """Whether calling the block on several samples with the (batch-1) captured arguments gives the per-sample result.
+
+    Arguments captured for one sample (rotary tables, a (1, 1, L, L) mask) broadcast over a batch in the
+    transformers models; this check keeps unknown architectures correct by falling back to one sample per call.
+    """
+    if batch_size <= 1 or hidden.shape[0] < 2:
+        return False
+    try:
+        batched = run_block(block, hidden[: min(batch_size, hidden.shape[0])], call)[:1]
+    except Exception:  # arguments that do not broadcast
+        return False
+    single = run_block(block, hidden[:1], call)
+    return batched.shape == single.shape and torch.allclose(batched, single, rtol=1e-3, atol=1e-5 * single.abs().max().item())
+
+
+@torch.no_grad()
 def run_sequential(
     model: nn.Module,
     layers_name: str,
@@ -213,15 +237,27 @@ def run_sequential(
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "pruning",
+    batch_size: int | None = None,
 ) -> None:
     """Prune every selected linear layer block by block, each block seeing the outputs of the pruned ones before it.
 
     `make_stats(in_features, device)` makes a statistics object with `add_batch(x)`; `prune_module(name,
-    weight, stats)` prunes a dense (out, in) weight (a view that writes through) in place.
+    weight, stats)` prunes a dense (out, in) weight (a view that writes through) in place. Blocks are called
+    on `batch_size` samples at a time (default: about 4096 tokens per call) when that reproduces the
+    per-sample outputs on the first block, else on one sample at a time.
     """
     work_device = torch.device(device) if device is not None else module_device(layers[0])
     call = capture_layer_inputs(model, layers[0], input_ids, work_device)
     inps, outs = call.hidden, torch.empty_like(call.hidden)
+    nsamples = inps.shape[0]
+    batch_size = batch_size_for(inps.shape[1]) if batch_size is None else batch_size
+    home = module_device(layers[0])
+    layers[0].to(work_device)
+    if not batching_works(layers[0], inps, call, batch_size):  # checked before any weight changes
+        batch_size = 1
+    layers[0].to(home)
+    batches = [slice(j, min(j + batch_size, nsamples)) for j in range(0, nsamples, batch_size)]
+
     for index, block in enumerate(tqdm(layers, desc=desc, unit="layer", disable=not progress)):
         home = module_device(block)
         block.to(work_device)
@@ -230,12 +266,12 @@ def run_sequential(
         if targets:
             collector = _InputCollector(targets, make_stats, work_device)
             try:
-                for j in range(inps.shape[0]):
+                for batch in batches:
                     try:
-                        run_block(block, inps[j : j + 1], call)
+                        run_block(block, inps[batch], call)
                     except _StopForward:
                         pass
-                    collector.end_sample()
+                    collector.end_batch()
             finally:
                 collector.remove()
             missing = [name for name in targets if name not in collector.stats]
@@ -246,7 +282,7 @@ def run_sequential(
                     prune_module(name, dense_weight(module), collector.stats[name])
             del collector
         if index + 1 < len(layers):
-            for j in range(inps.shape[0]):
-                outs[j : j + 1] = run_block(block, inps[j : j + 1], call)
+            for batch in batches:
+                outs[batch] = run_block(block, inps[batch], call)
             inps, outs = outs, inps
         block.to(home)
