@@ -75,6 +75,11 @@ def _chunks(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor):
         yield start, step, weight[start : start + step], _chunk_factor(alpha, beta, start, step)
 
 
+def _accumulate(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """total + a @ b, starting from a plain product (no zero fill)."""
+    return a @ b if total is None else total.addmm_(a, b)
+
+
 class _FusedSPP(torch.autograd.Function):
     """Y = X W_effᵀ + b (dropout 0) or X Wᵀ + b + s·D(X) W'ᵀ (dropout p), with exact dα, dβ, dX.
 
@@ -114,8 +119,7 @@ class _FusedSPP(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         x_branch = x2 if keep is None else x2 * keep / (1.0 - p)
         need_x, need_factors = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        grad_x = torch.zeros_like(x2) if need_x else None
-        grad_branch = torch.zeros_like(x2) if need_x and keep is not None else None
+        grad_x = grad_branch = None
         grad_alpha = torch.zeros_like(alpha) if need_factors else None
         grad_beta = torch.zeros_like(beta) if need_factors else None
         r, n = alpha.shape
@@ -125,10 +129,10 @@ class _FusedSPP(torch.autograd.Function):
             w32 = w.to(f.dtype)
             if need_x:
                 if keep is None:
-                    grad_x.addmm_(g_c, torch.addcmul(w32, w32, f, value=scale).to(g.dtype))
+                    grad_x = _accumulate(grad_x, g_c, torch.addcmul(w32, w32, f, value=scale).to(g.dtype))
                 else:
-                    grad_x.addmm_(g_c, w.to(g.dtype))
-                    grad_branch.addmm_(g_c, (f * w32).to(g.dtype))
+                    grad_x = _accumulate(grad_x, g_c, w.to(g.dtype))
+                    grad_branch = _accumulate(grad_branch, g_c, (f * w32).to(g.dtype))
             if need_factors:
                 # P = (Gᵀ X_branch) ⊙ W for these rows; dα_j = s Σ_i β_i P_i, dβ_i = s Σ_k P_ik α_jk
                 prod = (g_c.t() @ x_branch).to(f.dtype).mul_(w32)
