@@ -49,7 +49,7 @@ class PruneSettings:
 class TrainSettings:
     data: str = "bundled"  # Alpaca: 'bundled', a local json/jsonl, or a Hub id
     max_samples: int | None = None
-    max_steps: int = 40
+    max_steps: int = 30
     batch_size: int = 4
     grad_accum: int = 1
     max_length: int = 256

@@ -80,3 +80,11 @@ def test_gap_closed_formula():
     assert gap_closed(100.0, 10.0, 10.0) == pytest.approx(1.0)
     assert gap_closed(100.0, 100.0, 10.0) == pytest.approx(0.0)
     assert gap_closed(100.0, math.sqrt(1000.0), 10.0) == pytest.approx(0.5)
+
+
+def test_shipped_pipeline_configs_parse():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "smollm2_wanda24_recovery.yaml"
+    cfg = PipelineConfig.from_yaml(path)
+    assert cfg.prune.sparsity == "2:4" and cfg.train.max_steps > PipelineConfig().train.max_steps
