@@ -14,7 +14,7 @@ Three interchangeable implementations of the same function:
 - ``fused``:   a custom autograd function. With dropout 0 it computes Y with one GEMM on
   W_eff = W ⊙ (1 + s·A⊙β), saves only X, and in backward computes dX = G·W_eff and the transient
   dW_eff = Gᵀ·X, from which dα and dβ are reductions with W: three weight-sized GEMMs in all.
-  W_eff and dW_eff only ever exist one cache-sized chunk of rows at a time.
+  W_eff and dW_eff only ever exist one bounded chunk of rows at a time.
   With dropout it saves X and the dropout mask and adds the branch GEMMs it then needs.
 """
 
@@ -46,7 +46,9 @@ def effective_weight(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tens
     return factor.mul_(scale).add_(1.0).mul_(weight.to(factor.dtype))
 
 
-CHUNK_BYTES = 2 * 2**20  # row chunks of W are built and consumed while they sit in cache
+# Row chunks of W_eff / dW_eff: bounds the transient memory of a huge layer, while keeping every GEMM
+# large (small chunks turn dX = Σ G_c W_c into many thin rank-k updates, which measured several × slower).
+CHUNK_BYTES = 64 * 2**20
 
 
 def _chunk_rows(m: int, r: int, n: int, elem_size: int) -> int:
@@ -83,9 +85,8 @@ def _accumulate(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) ->
 class _FusedSPP(torch.autograd.Function):
     """Y = X W_effᵀ + b (dropout 0) or X Wᵀ + b + s·D(X) W'ᵀ (dropout p), with exact dα, dβ, dX.
 
-    W_eff (or W') is never materialised whole: it is built chunk by chunk of rows (about 2 MB each)
-    right before the GEMM that reads it, in forward and again in backward, so the elementwise work
-    runs in cache and only X (plus the dropout mask) is kept for backward.
+    W_eff (or W') is built chunk by chunk of rows (at most CHUNK_BYTES each) right before the GEMM
+    that reads it, in forward and again in backward; only X (plus the dropout mask) is kept.
     """
 
     @staticmethod
