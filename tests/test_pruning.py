@@ -449,6 +449,8 @@ def test_calibration_windows_from_local_files(tmp_path):
     assert torch.equal(load_calibration(ds, tok, 5, 20, seed=1).input_ids, a.input_ids)
     with pytest.raises(ValueError, match="no 'text' column"):
         load_calibration(datasets.Dataset.from_dict({"body": docs}), tok, 5, 20)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_calibration(tmp_path / "missing.jsonl", tok, 1, 2)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"body": "x"}\n')
     with pytest.raises(ValueError, match="no 'text' field"):
@@ -539,10 +541,22 @@ def test_save_pruned_overwrites_in_place(tmp_path):
     report = prune(model, "magnitude", 0.5, progress=False)
     out = save_pruned(model, None, tmp_path / "m", report, perplexity=12.5)
     (out / "model-00001-of-00002.safetensors").write_bytes(b"stale shard")
-    save_pruned(model, None, out, report, perplexity=11.0)
+    save_pruned(model, None, out, report, perplexity=11.0, perplexity_dataset="wikitext")
     assert not (out / "model-00001-of-00002.safetensors").exists()
     record = json.loads((out / "sparsity.json").read_text())
     assert record["perplexity"] == 11.0 and record["pattern"] is None and record["ratio"] == 0.5
+    assert record["perplexity_dataset"] == "wikitext" and record["calibration"] is None
+    assert "magnitude" in (out / "README.md").read_text()
+
+
+def test_fallback_card_is_valid_yaml_front_matter():
+    import yaml
+
+    from spp_hf.pruning.save import _fallback_card
+
+    card = _fallback_card("org/base", "wanda", "2:4", "c4_demo.jsonl", {"ratio": 0.5, "pattern": "2:4"}, 12.3)
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "org/base" and "wanda" in meta["tags"] and "12.30" in card
 
 
 # --------------------------------------------------------------------------- real model (SmolLM2-135M)
@@ -605,7 +619,7 @@ def test_smollm2_perplexity_ordering(smollm2):
     for method in METHODS:
         for sparsity in (0.5, "2:4"):
             model = load()
-            prune(model, method, sparsity, calibration=CALIB, tokenizer=tok, nsamples=16, seqlen=256, progress=False)
+            prune(model, method, sparsity, calibration=CALIB, tokenizer=tok, nsamples=8, seqlen=256, progress=False)
             ppl[method, str(sparsity)] = perplexity(model, ids)
     print(ppl)
     for method in METHODS:

@@ -67,6 +67,8 @@ def load_calibration(
         return CalibrationData(ids, f"{path.name}, {suffix}")
     if path.exists():
         raise ValueError(f"Calibration path {path} is not a file: give a .jsonl/.json/.txt file or a Hub dataset id.")
+    if path.suffix in (".jsonl", ".json", ".txt") or str(calibration).startswith((".", "/", "~")):
+        raise ValueError(f"Calibration file {path} does not exist.")
     texts = _load_hub_texts(str(calibration))
     ids = _document_windows(texts, tokenizer, nsamples, seqlen, rng, str(calibration))
     return CalibrationData(ids, f"{calibration} (train), {suffix}")

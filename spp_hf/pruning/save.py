@@ -37,7 +37,7 @@ def _fallback_card(base_model: str, method: str, sparsity: str, calibration: str
     front = ["---", "library_name: transformers"]
     if base_model:
         front.append(f"base_model: {base_model}")
-    front += ["tags:", "- spp-hf", "- pruned", "- sparse", f"- {method}", "---", ""]
+    front += ["tags:", "- spp", "- sparse", "- pruned", f"- {method}", "---", ""]
     rows = [
         ("method", method),
         ("sparsity", sparsity),
@@ -52,14 +52,19 @@ def _fallback_card(base_model: str, method: str, sparsity: str, calibration: str
     return "\n".join(front + body) + "\n"
 
 
-def render_card(base_model: str, method: str, sparsity: str, calibration: str, report: dict, perplexity: float | None) -> str:
+def render_card(
+    base_model: str, method: str, sparsity: str, calibration: str, report: dict, perplexity: float | None,
+    perplexity_dataset: str | None = None,
+) -> str:
     """The pruned-base card from spp_hf.cards; a minimal card if that renderer is not available."""
     try:
         from ..cards import render_pruned_base_card
     except (ImportError, AttributeError):
         return _fallback_card(base_model, method, sparsity, calibration, report, perplexity)
+    extra = {"perplexity_dataset": perplexity_dataset} if perplexity_dataset else {}
     return render_pruned_base_card(
-        base_model=base_model, method=method, sparsity=sparsity, calibration=calibration, report=report, perplexity=perplexity
+        base_model=base_model, method=method, sparsity=sparsity, calibration=calibration, report=report,
+        perplexity=perplexity, **extra,
     )
 
 
@@ -88,12 +93,23 @@ def save_pruned(
     out_dir: str | os.PathLike,
     report: PruneReport,
     perplexity: float | None = None,
+    perplexity_dataset: str | None = None,
 ) -> Path:
-    """Write the pruned model, its tokenizer, sparsity.json and README.md to `out_dir`; returns the folder."""
+    """Write the pruned model, its tokenizer, sparsity.json and README.md to `out_dir`; returns the folder.
+
+    `perplexity` (measured after pruning) goes into sparsity.json and the card; `perplexity_dataset`
+    names what it was measured on (e.g. "wikitext") for the card's metadata.
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     record = sparsity_record(model, report, perplexity)
-    card = render_card(report.base_model or "", report.method, report.sparsity, report.calibration or "", report.to_dict(), perplexity)
+    if perplexity_dataset:
+        record["perplexity_dataset"] = perplexity_dataset
+    calibration = report.calibration or "none (magnitude pruning uses no data)"
+    card = render_card(
+        report.base_model or "", report.method, report.sparsity, calibration, report.stats.to_dict(), perplexity,
+        perplexity_dataset,
+    )
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         model.save_pretrained(staging)
