@@ -22,27 +22,23 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from datasets import Dataset, load_dataset  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
 from spp_hf import SPPConfig, SPPSFTTrainer  # noqa: E402
+from spp_hf.alpaca import (  # noqa: E402, F401  (the template and loaders live in the package)
+    BUNDLED_ALPACA,
+    PROMPT_INPUT,
+    PROMPT_NO_INPUT,
+    alpaca_prompt,
+    load_alpaca,
+    to_sft_format,
+)
 from spp_hf.config import DEFAULT_TARGETS  # noqa: E402
 from spp_hf.trainer import SPPSFTConfig  # noqa: E402
 
 logger = logging.getLogger("alpaca_sft")
 
-BUNDLED_DATA = Path(__file__).resolve().parents[1] / "spp_hf" / "data" / "alpaca" / "alpaca_sample_500.json"
-
-# The Stanford Alpaca / alpaca-lora prompt template ("alpaca"), as in the official SPP code.
-PROMPT_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
+BUNDLED_DATA = BUNDLED_ALPACA
 
 # Paper Sec. 4 / official finetune.py. A --config file or the command line replaces any of them.
 PAPER_DEFAULTS = dict(
@@ -108,13 +104,6 @@ class SPPArguments:
         )  # fmt: skip
 
 
-def alpaca_prompt(instruction: str, input: str | None = None) -> str:
-    """The Alpaca prompt for one example (with or without the optional input)."""
-    if input:
-        return PROMPT_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
-
-
 def resolve_model(name: str) -> str:
     """A model path or repo id; 'smollm2' maps to the offline SmolLM2-135M checkpoint."""
     if name == "smollm2":
@@ -125,41 +114,9 @@ def resolve_model(name: str) -> str:
     return str(path.resolve()) if path.is_dir() else name
 
 
-def load_alpaca(name: str, split: str = "train", max_samples: int | None = None) -> Dataset:
-    """Alpaca records from the Hub, a local JSON/JSONL file, or the bundled sample."""
-    path = Path(BUNDLED_DATA if name == "bundled" else name).expanduser()
-    if path.is_file():
-        data = load_dataset("json", data_files=str(path), split="train")
-    else:
-        data = load_dataset(name, split=split)
-    if "output" not in data.column_names and "response" in data.column_names:
-        data = data.rename_column("response", "output")
-    missing = {"instruction", "output"} - set(data.column_names)
-    if missing:
-        raise ValueError(
-            f"{name} is not in Alpaca format: missing columns {sorted(missing)} (found {data.column_names}). "
-            "Expected instruction, input (optional) and output."
-        )
-    if max_samples is not None:
-        data = data.select(range(min(max_samples, len(data))))
-    return data
-
-
 def card_dataset_name(name: str) -> str:
     """The data set as the model card names it: the bundled sample is a subset of tatsu-lab/alpaca."""
     return "tatsu-lab/alpaca" if name == "bundled" else name
-
-
-def to_sft_format(data: Dataset, train_on_inputs: bool = True) -> Dataset:
-    """Alpaca records → TRL rows: ``text`` (loss on everything) or ``prompt``/``completion`` (response only)."""
-
-    def convert(example: dict) -> dict:
-        prompt = alpaca_prompt(example["instruction"], example.get("input"))
-        if train_on_inputs:
-            return {"text": prompt + example["output"]}
-        return {"prompt": prompt, "completion": example["output"]}
-
-    return data.map(convert, remove_columns=data.column_names, desc="Alpaca prompt template")
 
 
 def make_parser() -> TrlParser:
