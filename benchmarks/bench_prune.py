@@ -2,7 +2,7 @@
 
 Each method runs in its own process so peak memory is its own. Memory is the process's resident set
 (sampled every 50 ms by a thread, plus getrusage's max RSS); "over model" subtracts the RSS right after
-loading the model. As a floor for the layer-by-layer methods the script also times one plain forward pass
+loading the model (and paging its weights in). As a floor for the layer-by-layer methods the script also times one plain forward pass
 of the decoder blocks over the same calibration tokens (Wanda needs about two such passes, SparseGPT about
 two plus its Hessian products and OBS updates).
 
@@ -85,17 +85,22 @@ def worker(args: argparse.Namespace) -> dict:
     """One measurement in this process: prune (or the forward floor) and report time and memory."""
     from spp_hf.pruning import load_calibration, prune
 
+    from spp_hf.pruning.sequential import batch_size_for
+
     model, tok = load_smollm2()
     model.config.use_cache = False
+    with torch.no_grad():  # page the (memory-mapped) weights in, so neither time nor memory counts loading
+        sum(float(p.sum()) for p in model.parameters())
+        model(torch.zeros(1, 8, dtype=torch.long))
     base_rss = psutil.Process().memory_info().rss
     result: dict = {"method": args.worker, "sparsity": args.sparsity, "threads": torch.get_num_threads()}
     if args.worker == "forward":
         calib = load_calibration(CALIB, tok, args.nsamples, args.seqlen, seed=0)
         with PeakRSS() as rss:
             start = time.perf_counter()
-            with torch.no_grad():
-                for row in calib.input_ids:
-                    model.model(row.unsqueeze(0))
+            with torch.no_grad():  # the same number of samples per call as prune() uses
+                for batch in calib.input_ids.split(batch_size_for(args.seqlen)):
+                    model.model(batch)
             result["seconds"] = time.perf_counter() - start
     else:
         with PeakRSS() as rss:
