@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -110,6 +111,7 @@ def worker(args: argparse.Namespace) -> dict:
         result["ratio"] = report.ratio
         if args.ppl:
             result["ppl"] = perplexity(model, wikitext2_ids(tok), args.ppl_seqlen, args.ppl_windows)
+    result["load_avg_1m"] = os.getloadavg()[0]  # other processes on the machine skew the timings
     result["peak_rss_mb"] = max(rss.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     result["over_model_mb"] = (rss.peak - base_rss) / 2**20
     return result
@@ -154,12 +156,12 @@ def main() -> None:
     floor = rows[0]["seconds"]
     if args.ppl:
         rows[0]["ppl"] = dense_ppl(args)
-    print(f"{'method':<12} {'sparsity':>8} {'seconds':>9} {'x forward':>10} {'peak RSS MB':>12} {'over model MB':>14}" + (f" {'ppl':>9}" if args.ppl else ""))
+    print(f"{'method':<12} {'sparsity':>8} {'seconds':>9} {'x forward':>10} {'peak RSS MB':>12} {'over model MB':>14} {'load':>5}" + (f" {'ppl':>9}" if args.ppl else ""))
 
     def show(row: dict) -> None:
         name = "dense fwd" if row["method"] == "forward" else row["method"]
         sp = "-" if row["method"] == "forward" else row["sparsity"]
-        line = f"{name:<12} {sp:>8} {row['seconds']:>9.1f} {row['seconds'] / floor:>10.2f} {row['peak_rss_mb']:>12.0f} {row['over_model_mb']:>14.0f}"
+        line = f"{name:<12} {sp:>8} {row['seconds']:>9.1f} {row['seconds'] / floor:>10.2f} {row['peak_rss_mb']:>12.0f} {row['over_model_mb']:>14.0f} {row['load_avg_1m']:>5.1f}"
         print(line + (f" {row['ppl']:>9.2f}" if args.ppl else ""), flush=True)
 
     show(rows[0])

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from conftest import make_tiny_model
+from fixtures_hub import hub  # noqa: F401 - the local Hub fixture
 from spp_hf.pruning import load_calibration, parse_sparsity, prune, save_pruned, select_modules
 from spp_hf.pruning.magnitude import prune_magnitude_
 from spp_hf.pruning.masks import SparsitySpec, mask_from_scores
@@ -526,6 +527,26 @@ def test_cli_prune_writes_reloadable_pruned_base(tiny_checkpoint, tmp_path):
     out2 = tmp_path / "again"
     main(argv[:-1] + [str(out2)])
     assert json.loads((out2 / "sparsity.json").read_text())["mask_fingerprint"] == record["mask_fingerprint"]
+
+
+def test_cli_push_to_hub_then_load_from_hub(tiny_checkpoint, tmp_path, hub, monkeypatch):
+    """`--push-to-hub` uploads the pruned base to a (local) Hub; it loads back from the repo id with its zeros."""
+    from huggingface_hub import hf_hub_download
+    from transformers import AutoModelForCausalLM
+
+    from spp_hf.cli import main
+
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    argv = ["prune", "--model", str(tiny_checkpoint), "--method", "magnitude", "--sparsity", "2:4",
+            "--out", str(tmp_path / "pruned"), "--push-to-hub", "user/tiny-2of4"]  # fmt: skip
+    assert main(argv) == 0
+    model = AutoModelForCausalLM.from_pretrained("user/tiny-2of4")
+    for name, _ in select_modules(model):
+        check_exact(dense_weight(model.get_submodule(name)), SparsitySpec(n=2, m=4))
+    record = json.loads(Path(hf_hub_download("user/tiny-2of4", "sparsity.json")).read_text())
+    local = json.loads((tmp_path / "pruned" / "sparsity.json").read_text())
+    assert record["mask_fingerprint"] == local["mask_fingerprint"]
+    assert "user/tiny-2of4" in Path(hf_hub_download("user/tiny-2of4", "README.md")).read_text()
 
 
 def test_cli_bad_sparsity_exits_with_message(tiny_checkpoint, tmp_path):
