@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -30,7 +29,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CALIB = REPO / "spp_hf" / "data" / "calib" / "c4_demo.jsonl"
-WIKITEXT_ROWS = [REPO / "spp_hf" / "data" / "wikitext2" / "test.jsonl", REPO.parent / "shared" / "data" / "wikitext-2-raw" / "test.jsonl"]
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
@@ -67,19 +65,11 @@ def load_smollm2():
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
 
 
-def wikitext2_ids(tok) -> list[int]:
-    path = next(p for p in WIKITEXT_ROWS if p.is_file())
-    text = "\n\n".join(json.loads(line)["text"] for line in path.read_text().splitlines())
-    return tok(text, verbose=False)["input_ids"]
+def wikitext2_ppl(model, tok, args: argparse.Namespace) -> float:
+    """spp-hf's WikiText-2 perplexity (bundled test split, SparseGPT protocol) on the first windows."""
+    from spp_hf.evaluation import perplexity
 
-
-@torch.no_grad()
-def perplexity(model, ids: list[int], seqlen: int, windows: int) -> float:
-    nll = 0.0
-    for i in range(windows):
-        x = torch.tensor([ids[i * seqlen : (i + 1) * seqlen]])
-        nll += model(x, labels=x).loss.item()
-    return math.exp(nll / windows)
+    return perplexity(model, tok, seqlen=args.ppl_seqlen, max_windows=args.ppl_windows)
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -110,7 +100,7 @@ def worker(args: argparse.Namespace) -> dict:
         result["seconds"] = report.seconds
         result["ratio"] = report.ratio
         if args.ppl:
-            result["ppl"] = perplexity(model, wikitext2_ids(tok), args.ppl_seqlen, args.ppl_windows)
+            result["ppl"] = wikitext2_ppl(model, tok, args)
     result["load_avg_1m"] = os.getloadavg()[0]  # other processes on the machine skew the timings
     result["peak_rss_mb"] = max(rss.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     result["over_model_mb"] = (rss.peak - base_rss) / 2**20
@@ -129,8 +119,7 @@ def run_worker(name: str, sparsity: str, args: argparse.Namespace) -> dict:
 
 
 def dense_ppl(args: argparse.Namespace) -> float:
-    model, tok = load_smollm2()
-    return perplexity(model, wikitext2_ids(tok), args.ppl_seqlen, args.ppl_windows)
+    return wikitext2_ppl(*load_smollm2(), args)
 
 
 def main() -> None:

@@ -3,15 +3,17 @@ r=8, and full fine-tuning with the pruning mask re-applied after every optimizer
 
 Every method runs the same SFT (TRL's SFTTrainer, or SPPSFTTrainer for SPP) on the same batches
 (the bundled Alpaca sample packed into rows of exactly `--seq` tokens, same seed and order), on the
-same targets (q/k/v/o/gate/up/down of SmolLM2 pruned 2:4 by magnitude), fp32, AdamW, dropout 0.05 (--dropout),
-no gradient checkpointing. Full fine-tuning trains those same target weights (embeddings and norms
+same targets (q/k/v/o/gate/up/down of SmolLM2 pruned 2:4 by magnitude), fp32, AdamW, no gradient
+checkpointing, once per dropout in `--dropout` (default: 0, the SPPConfig and LoraConfig default, and
+0.05, the paper's; with dropout the SPP branch sees other inputs than the base, which costs two more
+weight-sized GEMMs per layer: five instead of three). Full fine-tuning trains those same target weights (embeddings and norms
 stay frozen) and multiplies them by their masks after each step.
 
 Each method runs in a fresh process, so peak memory is comparable: a thread samples the process's
 resident set size (RSS) every 5 ms from the first to the last training step. The first `--warmup`
 steps are not timed. Ratios are against LoRA (targets: SPP ≤ 1.3× LoRA time, ≤ 1.1× LoRA peak memory).
 
-    python benchmarks/bench_train.py                      # 2 warm-up + 5 timed steps of 4 × 256 tokens
+    python benchmarks/bench_train.py                      # 2 warm-up + 5 timed steps of 4 × 256 tokens, dropout 0 and 0.05
     python benchmarks/bench_train.py --steps 2 --warmup 1 --seq 64 --methods spp-fused lora   # smoke run
 """
 
@@ -159,37 +161,39 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--dropout", type=float, default=0.05, help="SPP and LoRA dropout (paper: 0.05)")
+    parser.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.05], help="SPP and LoRA dropout(s) (paper: 0.05)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        run_worker(args.worker, args.steps, args.warmup, args.batch, args.seq, args.dropout, args.out)
+        run_worker(args.worker, args.steps, args.warmup, args.batch, args.seq, args.dropout[0], args.out)
         return
 
     env = dict(os.environ, HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for method in args.methods:
-            out = Path(tmp) / f"{method}.json"
-            cmd = [sys.executable, __file__, "--worker", method, "--out", str(out), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
-                   "--dropout", str(args.dropout)]  # fmt: skip
-            print(f"running {method} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"{method} failed:\n{proc.stderr[-4000:]}")
-            results.append(json.loads(out.read_text()))
-    print(table(results, args))
+        for dropout in args.dropout:
+            for method in args.methods:
+                out = Path(tmp) / f"{method}-{dropout}.json"
+                cmd = [sys.executable, __file__, "--worker", method, "--out", str(out), "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
+                       "--dropout", str(dropout)]  # fmt: skip
+                print(f"running {method}, dropout {dropout} ...", file=sys.stderr, flush=True)
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{method} failed:\n{proc.stderr[-4000:]}")
+                results.append(dict(json.loads(out.read_text()), dropout=dropout))
+    for dropout in args.dropout:
+        print(table([r for r in results if r["dropout"] == dropout], args, dropout) + "\n")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
-def table(results: list[dict], args: argparse.Namespace) -> str:
+def table(results: list[dict], args: argparse.Namespace, dropout: float) -> str:
     lora = next((r for r in results if r["method"] == "lora"), None)
     lines = [
-        f"SFT on SmolLM2-135M (2:4 magnitude-pruned), batch {args.batch} x {args.seq} tokens, dropout {args.dropout}, fp32, "
+        f"SFT on SmolLM2-135M (2:4 magnitude-pruned), batch {args.batch} x {args.seq} tokens, dropout {dropout}, fp32, "
         f"{results[0]['threads']} threads; median of {args.steps} steps after {args.warmup} warm-up; one process per method",
         "",
         "| method | trainable params | s/step | peak RSS (MB) | RSS before training (MB) | time / LoRA | peak mem / LoRA |",

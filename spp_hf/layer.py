@@ -21,6 +21,8 @@ Three interchangeable implementations of the same function:
 from __future__ import annotations
 
 import math
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,12 +63,33 @@ def _chunk_rows(m: int, r: int, n: int, elem_size: int) -> int:
     return max(d for d in range(1, block + 1) if block % d == 0 and d <= want)
 
 
+def _scratch(slot: str, rows: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (rows × n) buffer for a transient W_eff / dW_eff chunk, reused across calls on the CPU.
+
+    A freshly allocated tensor of tens of MiB is a fresh mmap on the CPU, and touching its pages
+    costs about a quarter of a GEMM on it (measured: 20 ms vs 85 ms at 4096 × 4096); reusing one
+    buffer per thread removes that. Other devices have caching allocators: a plain ``empty``.
+    """
+    if device.type != "cpu":
+        return torch.empty(rows, n, dtype=dtype, device=device)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buf = buffers.get((slot, dtype))
+    if buf is None or buf.numel() < rows * n:
+        buf = buffers[(slot, dtype)] = torch.empty(rows * n, dtype=dtype)
+    return buf[: rows * n].view(rows, n)
+
+
+_SCRATCH = threading.local()  # per thread: buffers are only ever in use inside one call
+
+
 def _chunk_factor(alpha: torch.Tensor, beta: torch.Tensor, start: int, rows: int) -> torch.Tensor:
-    """(Repeat₀(α) ⊙ β)[start:start+rows] as a (rows × n) tensor."""
+    """(Repeat₀(α) ⊙ β)[start:start+rows] as a (rows × n) tensor, written into the reused W_eff buffer."""
     r, n = alpha.shape
     block = beta.shape[0] // r
     first, nblocks, per = start // block, max(1, rows // block), min(rows, block)
-    return (alpha[first : first + nblocks].view(nblocks, 1, n) * beta[start : start + rows].view(nblocks, per, 1)).view(rows, n)
+    out = _scratch("w_eff", rows, n, alpha.dtype, alpha.device)
+    torch.mul(alpha[first : first + nblocks].view(nblocks, 1, n), beta[start : start + rows].view(nblocks, per, 1), out=out.view(nblocks, per, n))
+    return out
 
 
 def _chunks(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor):
@@ -133,10 +156,11 @@ class _FusedSPP(torch.autograd.Function):
                     grad_x = _accumulate(grad_x, g_c, torch.addcmul(w32, w32, f, value=scale).to(g.dtype))
                 else:
                     grad_x = _accumulate(grad_x, g_c, w.to(g.dtype))
-                    grad_branch = _accumulate(grad_branch, g_c, (f * w32).to(g.dtype))
+                    grad_branch = _accumulate(grad_branch, g_c, f.mul_(w32).to(g.dtype))
             if need_factors:
                 # P = (Gᵀ X_branch) ⊙ W for these rows; dα_j = s Σ_i β_i P_i, dβ_i = s Σ_k P_ik α_jk
-                prod = (g_c.t() @ x_branch).to(f.dtype).mul_(w32)
+                prod = torch.mm(g_c.t(), x_branch, out=_scratch("grad_w_eff", rows, n, x.dtype, x.device))
+                prod = prod.to(f.dtype).mul_(w32)
                 first, nblocks, per = start // block, max(1, rows // block), min(rows, block)
                 pv = prod.view(nblocks, per, n)
                 grad_alpha[first : first + nblocks] += torch.bmm(beta[start : start + rows].view(nblocks, 1, per), pv).view(nblocks, n)

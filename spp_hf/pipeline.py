@@ -119,8 +119,21 @@ def _build(cls: type, data: dict, where: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
-        kwargs[name] = _build(type(default), value, f"{where}{name}.") if dataclasses.is_dataclass(default) else value
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, fields[name].default, f"{where}{name}")
     return cls(**kwargs)
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    """YAML reads `2e-2` as a string and `1` as an int: convert to a float field's type, or say why not."""
+    if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"Pipeline setting {where} must be a number, got {value!r}") from None
+    return value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -74,6 +74,10 @@ def test_config_overrides_and_errors(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("name: y\ntrain:\n  r: 8\n")
     assert PipelineConfig.from_yaml(path, ["train.scale=4"]).train.r == 8
+    lr = PipelineConfig.from_dict(apply_overrides({}, ["train.learning_rate=2e-2", "train.scale=4"])).train
+    assert lr.learning_rate == 0.02 and isinstance(lr.learning_rate, float) and lr.scale == 4.0
+    with pytest.raises(ValueError, match="train.learning_rate must be a number"):
+        PipelineConfig.from_dict({"train": {"learning_rate": "fast"}})
 
 
 def test_gap_closed_formula():

@@ -529,7 +529,7 @@ def test_cli_prune_writes_reloadable_pruned_base(tiny_checkpoint, tmp_path):
     assert json.loads((out2 / "sparsity.json").read_text())["mask_fingerprint"] == record["mask_fingerprint"]
 
 
-def test_cli_push_to_hub_then_load_from_hub(tiny_checkpoint, tmp_path, hub, monkeypatch):
+def test_cli_push_to_hub_then_load_from_hub(tiny_checkpoint, tmp_path, hub, monkeypatch):  # noqa: F811 - fixture
     """`--push-to-hub` uploads the pruned base to a (local) Hub; it loads back from the repo id with its zeros."""
     from huggingface_hub import hf_hub_download
     from transformers import AutoModelForCausalLM
