@@ -53,7 +53,10 @@ class TrainSettings:
     batch_size: int = 4
     grad_accum: int = 1
     max_length: int = 256
-    learning_rate: float = 1e-2
+    # Higher than the paper's 4e-3 (a 3-epoch recipe): with β = 0 at the start and Adam, the weight change
+    # s·α·β grows roughly as s·(lr·t)², so a 30-step run needs a larger lr. Sweep on the default run
+    # (WikiText-2 gap closed): 1e-2 35.4%, 2e-2 44.6%, 3e-2 46.0%.
+    learning_rate: float = 3e-2
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     lr_scheduler_type: str = "cosine"
@@ -71,7 +74,7 @@ class LoraSettings:
     enabled: bool = True
     r: int = 8
     lora_alpha: int = 16
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3  # the better of 1e-3 (39.2% gap closed) and 3e-3 (44.8%) on the default run
 
 
 @dataclass
