@@ -100,6 +100,37 @@ def _chunks(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor):
         yield start, step, weight[start : start + step], _chunk_factor(alpha, beta, start, step)
 
 
+# Chunks above this many elements do not fit the cache: their factor gradients are reduced in row slices.
+SLICE_ABOVE_ELEMENTS = 1 << 22
+
+
+def _add_factor_grads(
+    prod: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, start: int,
+    grad_alpha: torch.Tensor, grad_beta: torch.Tensor,
+) -> None:  # fmt: skip
+    """Unscaled factor gradients from prod = Gᵀ·X_branch for rows start… of W (prod is overwritten).
+
+    With P = prod ⊙ W: dα_j += Σ_{i in block j} β_i P_i and dβ_i = Σ_k P_ik α_jk. A chunk too big for the
+    cache is taken a few rows at a time, each slice of P made in a small buffer and reduced while it is
+    still cached: one read of prod and W instead of five passes over them.
+    """
+    rows, n = prod.shape
+    block = beta.shape[0] // alpha.shape[0]
+    if rows * n <= SLICE_ABOVE_ELEMENTS:
+        first, nblocks, per = start // block, max(1, rows // block), min(rows, block)
+        pv = prod.to(alpha.dtype).mul_(w).view(nblocks, per, n)
+        grad_alpha[first : first + nblocks] += torch.bmm(beta[start : start + rows].view(nblocks, 1, per), pv).view(nblocks, n)
+        grad_beta[start : start + rows] = torch.bmm(pv, alpha[first : first + nblocks].view(nblocks, n, 1)).view(rows, 1)
+        return
+    step = max(d for d in range(1, min(rows, block, 64) + 1) if min(rows, block) % d == 0)  # slices stay in one block
+    buf = _scratch("factor_grad_slice", step, n, alpha.dtype, alpha.device)
+    for offset in range(0, rows, step):
+        i = start + offset
+        p = torch.mul(prod[offset : offset + step], w[offset : offset + step], out=buf)
+        torch.mv(p, alpha[i // block], out=grad_beta[i : i + step, 0])
+        grad_alpha[i // block].addmv_(p.t(), beta[i : i + step, 0])
+
+
 def _accumulate(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """total + a @ b, starting from a plain product (no zero fill)."""
     return a @ b if total is None else total.addmm_(a, b)
@@ -146,25 +177,20 @@ class _FusedSPP(torch.autograd.Function):
         grad_x = grad_branch = None
         grad_alpha = torch.zeros_like(alpha) if need_factors else None
         grad_beta = torch.zeros_like(beta) if need_factors else None
-        r, n = alpha.shape
-        block = beta.shape[0] // r
+        n = alpha.shape[1]
         for start, rows, w, f in _chunks(weight, alpha, beta):
             g_c = g[:, start : start + rows]
             w32 = w.to(f.dtype)
             if need_x:
                 if keep is None:
-                    grad_x = _accumulate(grad_x, g_c, torch.addcmul(w32, w32, f, value=scale).to(g.dtype))
+                    grad_x = _accumulate(grad_x, g_c, torch.addcmul(w32, w32, f, value=scale, out=f).to(g.dtype))
                 else:
                     grad_x = _accumulate(grad_x, g_c, w.to(g.dtype))
                     grad_branch = _accumulate(grad_branch, g_c, f.mul_(w32).to(g.dtype))
             if need_factors:
                 # P = (Gᵀ X_branch) ⊙ W for these rows; dα_j = s Σ_i β_i P_i, dβ_i = s Σ_k P_ik α_jk
                 prod = torch.mm(g_c.t(), x_branch, out=_scratch("grad_w_eff", rows, n, x.dtype, x.device))
-                prod = prod.to(f.dtype).mul_(w32)
-                first, nblocks, per = start // block, max(1, rows // block), min(rows, block)
-                pv = prod.view(nblocks, per, n)
-                grad_alpha[first : first + nblocks] += torch.bmm(beta[start : start + rows].view(nblocks, 1, per), pv).view(nblocks, n)
-                grad_beta[start : start + rows] = torch.bmm(pv, alpha[first : first + nblocks].view(nblocks, n, 1)).view(rows, 1)
+                _add_factor_grads(prod, w32, alpha, beta, start, grad_alpha, grad_beta)
         if need_x:
             if keep is not None:
                 grad_x.add_(grad_branch.mul_(keep).mul_(scale / (1.0 - p)))

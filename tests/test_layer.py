@@ -188,10 +188,12 @@ def test_unwrappable_module_is_refused():
 
 @pytest.mark.parametrize("chunk_bytes", [256, 2048, 1 << 30])  # sub-block chunks, multi-block chunks, one chunk
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_fused_chunking_is_exact(monkeypatch, chunk_bytes, dropout):
+@pytest.mark.parametrize("sliced", [False, True])  # factor gradients reduced per chunk, or in row slices
+def test_fused_chunking_is_exact(monkeypatch, chunk_bytes, dropout, sliced):
     import spp_hf.layer as layer_mod
 
     monkeypatch.setattr(layer_mod, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(layer_mod, "SLICE_ABOVE_ELEMENTS", 0 if sliced else 1 << 22)
     lin = sparse_linear(m=96, n=16, bias=True)
     w = lin.weight.detach()
     alpha = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
