@@ -83,6 +83,29 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fused_dropout, (x, alpha, beta))
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_fused_double_backward(dropout):
+    """create_graph=True (e.g. a gradient penalty) differentiates through the fused backward."""
+    lin = sparse_linear(m=16, n=8)
+    w, b = lin.weight.detach(), lin.bias.detach()
+    alpha = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(16, 1, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+
+    def fused(x, a, be):
+        torch.manual_seed(7)
+        return _FusedSPP.apply(x, w, b, a, be, 2.0, dropout)
+
+    assert torch.autograd.gradgradcheck(fused, (x, alpha, beta))
+    if dropout == 0.0:  # and equals the second derivative of the paper's formula
+        def penalty(f):
+            (gx,) = torch.autograd.grad(f(x, alpha, beta).pow(2).sum(), x, create_graph=True)
+            return torch.autograd.grad(gx.pow(2).sum(), (alpha, beta))
+
+        for got, want in zip(penalty(fused), penalty(lambda x, a, be: paper_reference(x, w, b, a, be, 2.0))):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_fused_dropout_matches_formula_with_its_mask():
     lin = sparse_linear()
     layer = SPPLinear(lin, r=4, dropout=0.3, impl="fused", adapter_dtype=torch.float64).train()
