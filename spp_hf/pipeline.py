@@ -108,9 +108,7 @@ class PipelineConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: list[str] | None = None) -> "PipelineConfig":
-        import yaml
-
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = load_yaml(Path(path).read_text()) or {}
         return cls.from_dict(apply_overrides(data, overrides or []))
 
 
@@ -139,10 +137,30 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
     return value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `section.key=value` overrides (values parsed as YAML) to a nested dict."""
+def load_yaml(text: str) -> Any:
+    """YAML as `yaml.safe_load` reads it, except that `2:4` stays the string "2:4".
+
+    YAML 1.1 reads digits separated by colons as base-60 numbers (`2:4` → 124), which would turn an
+    N:M sparsity into a ratio.
+    """
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def number_or_ratio(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+        text = loader.construct_scalar(node)
+        if ":" in text:
+            return text
+        return yaml.SafeLoader.yaml_constructors[node.tag](loader, node)
+
+    for tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+        Loader.add_constructor(tag, number_or_ratio)
+    return yaml.load(text, Loader=Loader)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` overrides (values parsed as YAML) to a nested dict."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -151,7 +169,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = load_yaml(raw)
     return data
 
 

@@ -76,6 +76,11 @@ def test_config_overrides_and_errors(tmp_path):
     assert PipelineConfig.from_yaml(path, ["train.scale=4"]).train.r == 8
     lr = PipelineConfig.from_dict(apply_overrides({}, ["train.learning_rate=2e-2", "train.scale=4"])).train
     assert lr.learning_rate == 0.02 and isinstance(lr.learning_rate, float) and lr.scale == 4.0
+    nm = PipelineConfig.from_dict(apply_overrides({}, ["prune.sparsity=2:8", "train.max_steps=5"]))
+    assert nm.prune.sparsity == "2:8" and nm.train.max_steps == 5  # not YAML 1.1's base-60 number 128
+    path.write_text("prune:\n  sparsity: 2:4\n  nsamples: 8\ntrain:\n  learning_rate: 1.5e-2\n")
+    from_file = PipelineConfig.from_yaml(path)
+    assert from_file.prune.sparsity == "2:4" and from_file.prune.nsamples == 8 and from_file.train.learning_rate == 0.015
     with pytest.raises(ValueError, match="train.learning_rate must be a number"):
         PipelineConfig.from_dict({"train": {"learning_rate": "fast"}})
 
