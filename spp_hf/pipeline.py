@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -145,18 +146,24 @@ def load_yaml(text: str) -> Any:
     """
     import yaml
 
+    return yaml.load(text, Loader=_config_loader())
+
+
+@functools.cache
+def _config_loader() -> type:
+    """A SafeLoader whose int/float constructors leave colon-separated scalars as strings (built once)."""
+    import yaml
+
     class Loader(yaml.SafeLoader):
         pass
 
     def number_or_ratio(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
         text = loader.construct_scalar(node)
-        if ":" in text:
-            return text
-        return yaml.SafeLoader.yaml_constructors[node.tag](loader, node)
+        return text if ":" in text else yaml.SafeLoader.yaml_constructors[node.tag](loader, node)
 
     for tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
         Loader.add_constructor(tag, number_or_ratio)
-    return yaml.load(text, Loader=Loader)
+    return Loader
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
