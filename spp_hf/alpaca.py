@@ -1,4 +1,4 @@
-"""Alpaca instruction data: the prompt template of the paper's official code, loading, TRL row formats."""
+"""Training data: Alpaca (the prompt template of the paper's official code) or plain text, as TRL rows."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
-BUNDLED_ALPACA = Path(__file__).resolve().parent / "data" / "alpaca" / "alpaca_sample_500.json"
+_DATA = Path(__file__).resolve().parent / "data"
+BUNDLED_ALPACA = _DATA / "alpaca" / "alpaca_sample_500.json"
+BUNDLED = {"bundled": BUNDLED_ALPACA, "c4-sample": _DATA / "calib" / "c4_demo.jsonl"}
 
 PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -26,13 +28,27 @@ def alpaca_prompt(instruction: str, input: str | None = None) -> str:
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
+def load_records(name: str, split: str = "train") -> Dataset:
+    """Rows of a local JSON/JSONL file, of a bundled sample ('bundled', 'c4-sample'), or of a Hub dataset."""
+    path = Path(BUNDLED.get(name, name)).expanduser()
+    if path.is_file():
+        return load_dataset("json", data_files=str(path), split="train")
+    if path.suffix in (".json", ".jsonl"):
+        raise FileNotFoundError(f"Training data file {path} does not exist.")
+    return load_dataset(name, split=split)
+
+
+def is_alpaca(data: Dataset) -> bool:
+    """Whether rows look like Alpaca (instruction + output, or GPTeacher's response) rather than plain text."""
+    return "instruction" in data.column_names and ({"output", "response"} & set(data.column_names)) != set()
+
+
 def load_alpaca(name: str = "bundled", split: str = "train", max_samples: int | None = None) -> Dataset:
     """Alpaca records from the Hub, a local JSON/JSONL file, or 'bundled' (500 examples shipped with spp-hf)."""
-    path = Path(BUNDLED_ALPACA if name == "bundled" else name).expanduser()
-    if path.is_file():
-        data = load_dataset("json", data_files=str(path), split="train")
-    else:
-        data = load_dataset(name, split=split)
+    return _checked_alpaca(load_records(name, split), name, max_samples)
+
+
+def _checked_alpaca(data: Dataset, name: str, max_samples: int | None) -> Dataset:
     if "output" not in data.column_names and "response" in data.column_names:
         data = data.rename_column("response", "output")
     missing = {"instruction", "output"} - set(data.column_names)
@@ -56,3 +72,23 @@ def to_sft_format(data: Dataset, train_on_inputs: bool = True) -> Dataset:
         return {"prompt": prompt, "completion": example["output"]}
 
     return data.map(convert, remove_columns=data.column_names, desc="Alpaca prompt template")
+
+
+def load_sft_data(name: str = "bundled", split: str = "train", max_samples: int | None = None) -> tuple[Dataset, bool]:
+    """TRL rows for `name` and whether they are plain text (to pack) rather than templated Alpaca examples.
+
+    Alpaca rows (instruction/input/output) get the paper's prompt; rows with only a ``text`` field (C4-style
+    documents, e.g. the bundled 'c4-sample') are used as they are, for language modelling on every token.
+    """
+    data = load_records(name, split)
+    if is_alpaca(data):
+        return to_sft_format(_checked_alpaca(data, name, max_samples)), False
+    if "text" not in data.column_names:
+        raise ValueError(
+            f"{name} is neither Alpaca (instruction, input, output) nor plain text (a 'text' column); "
+            f"found columns {data.column_names}."
+        )
+    data = data.select_columns(["text"])
+    if max_samples is not None:
+        data = data.select(range(min(max_samples, len(data))))
+    return data, True

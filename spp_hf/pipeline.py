@@ -48,7 +48,9 @@ class PruneSettings:
 
 @dataclass
 class TrainSettings:
-    data: str = "bundled"  # Alpaca: 'bundled', a local json/jsonl, or a Hub id
+    # 'bundled' (500 Alpaca examples), 'c4-sample' (the bundled C4 text, packed), a local json/jsonl or a
+    # Hub id: rows with instruction/output get the Alpaca prompt, rows with only 'text' are packed as they are.
+    data: str = "bundled"
     max_samples: int | None = None
     max_steps: int = 30
     batch_size: int = 4
@@ -68,6 +70,7 @@ class TrainSettings:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     seed: int = 0
     save_steps: int = 20
+    gradient_checkpointing: bool = False  # TRL's default is True; a 135M model at 4 × 256 tokens does not need it
 
 
 @dataclass
@@ -205,11 +208,14 @@ def _done(path: Path, what: str) -> bool:
     return False
 
 
-def _training_args(cfg: PipelineConfig, output_dir: Path, learning_rate: float):
+def _training_args(cfg: PipelineConfig, output_dir: Path, learning_rate: float, packing: bool):
     from .trainer import SPPSFTConfig
 
     t = cfg.train
     return SPPSFTConfig(
+        packing=packing,
+        packing_strategy="wrapped",  # plain text: fill every sequence (documents cut at max_length otherwise)
+        gradient_checkpointing=t.gradient_checkpointing,
         output_dir=str(output_dir),
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
@@ -232,9 +238,10 @@ def _training_args(cfg: PipelineConfig, output_dir: Path, learning_rate: float):
 
 
 def _train_data(cfg: PipelineConfig):
-    from .alpaca import load_alpaca, to_sft_format
+    """(rows, packed): Alpaca examples one per sequence, plain text packed into full sequences."""
+    from .alpaca import load_sft_data
 
-    return to_sft_format(load_alpaca(cfg.train.data, max_samples=cfg.train.max_samples))
+    return load_sft_data(cfg.train.data, max_samples=cfg.train.max_samples)
 
 
 def _last_checkpoint(output_dir: Path) -> bool:
@@ -285,8 +292,9 @@ def stage_spp(cfg: PipelineConfig, pruned: Path) -> Path:
     adapter, train_dir, merged = cfg.run_dir / "spp" / "adapter", cfg.run_dir / "spp" / "train", cfg.run_dir / "spp" / "merged"
     if not _done(adapter / "spp_adapter.safetensors", f"SPP training ({t.max_steps} steps)"):
         spp_config = SPPConfig(r=t.r, scale=t.scale, dropout=t.dropout, impl=t.impl, target_modules=list(t.target_modules))
+        data, packed = _train_data(cfg)
         trainer = SPPSFTTrainer(
-            str(pruned), args=_training_args(cfg, train_dir, t.learning_rate), train_dataset=_train_data(cfg),
+            str(pruned), args=_training_args(cfg, train_dir, t.learning_rate, packed), train_dataset=data,
             spp_config=spp_config, dataset_name=t.data,
         )  # fmt: skip
         start = time.perf_counter()
@@ -317,8 +325,9 @@ def stage_lora_star(cfg: PipelineConfig, pruned: Path) -> Path:
     model, tokenizer = _load(pruned)
     masks = _masks(model)
     lora = LoraConfig(r=lo.r, lora_alpha=lo.lora_alpha, lora_dropout=t.dropout, target_modules=list(t.target_modules), task_type="CAUSAL_LM")
-    args = _training_args(cfg, train_dir, lo.learning_rate)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=_train_data(cfg), processing_class=tokenizer, peft_config=lora)
+    data, packed = _train_data(cfg)
+    args = _training_args(cfg, train_dir, lo.learning_rate, packed)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=_last_checkpoint(train_dir) or None)
     _save_loss_history(trainer, train_dir)

@@ -95,6 +95,25 @@ def test_alpaca_data_from_json_jsonl_and_the_bundled_sample(tmp_path):
         recipe.load_alpaca(str(tmp_path / "bad.json"))
 
 
+def test_sft_data_tells_alpaca_from_plain_text(tmp_path):
+    from spp_hf.alpaca import load_sft_data
+
+    records = alpaca_records(3)
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    rows, packed = load_sft_data(str(tmp_path / "a.json"))
+    assert not packed and rows[0] == {"text": recipe.alpaca_prompt(records[0]["instruction"], records[0]["input"]) + records[0]["output"]}
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i}", "url": "u"}) for i in range(5)))
+    rows, packed = load_sft_data(str(tmp_path / "t.jsonl"), max_samples=4)
+    assert packed and rows.column_names == ["text"] and rows["text"] == ["doc 0", "doc 1", "doc 2", "doc 3"]
+    c4, packed = load_sft_data("c4-sample")
+    assert packed and len(c4) == 200 and all(len(t) > 0 for t in c4["text"])
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}))
+    with pytest.raises(ValueError, match="neither Alpaca .* nor plain text.*question"):
+        load_sft_data(str(tmp_path / "qa.jsonl"))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
+        load_sft_data(str(tmp_path / "missing.jsonl"))
+
+
 def test_recipe_trains_a_tiny_pruned_base_with_completion_only_loss(tmp_path):
     base = save_tiny_base(tmp_path / "base")
     trainer = recipe.main([
