@@ -270,8 +270,10 @@ def _base_file(name_or_path: str, filename: str, revision: str | None) -> Path |
 
 # --------------------------------------------------------------------------- helpers
 def _is_hub_id(name: str | None) -> bool:
-    """A Hub repo id (`name` or `namespace/name`), not a path on this machine."""
-    if not name or os.path.exists(os.path.expanduser(name)) or name.startswith((".", "/", "~")):
+    """A Hub repo id (`name` or `namespace/name`), not a path on this machine or a bundled sample's name."""
+    from .alpaca import BUNDLED
+
+    if not name or name in BUNDLED or os.path.exists(os.path.expanduser(name)) or name.startswith((".", "/", "~")):
         return False
     data_file = name.endswith((".json", ".jsonl", ".txt", ".csv", ".parquet"))
     return bool(_REPO_ID_RE.match(name)) and ".." not in name and not data_file

@@ -115,6 +115,9 @@ def test_adapter_card_names_a_hub_base(hub, pruned_llama):  # noqa: F811
     assert card.data.base_model == "user/tiny-wanda24" and card.data.base_model_relation == "adapter"
     assert card.data.datasets is None and "`/data/alpaca.json`" in card.text  # local data: body only
     assert f"| Base revision | `{'a' * 40}` |" in card.text
+    for bundled in ("bundled", "c4-sample"):  # the names of samples shipped with spp-hf are not Hub datasets
+        card = ModelCard(render_adapter_card(config, model, dataset_name=bundled))
+        assert card.data.datasets is None and f"`{bundled}`" in card.text
 
 
 def test_merged_card(hub, pruned_llama):  # noqa: F811
