@@ -95,7 +95,8 @@ def write_report(cfg: "PipelineConfig", results: dict[str, dict], seconds: float
     lines += [f"Model `{cfg.model}`, pruned with {cfg.prune.method} {cfg.prune.sparsity} "
               f"({cfg.prune.nsamples} × {cfg.prune.seqlen} calibration tokens); SPP r={cfg.train.r}, s={cfg.train.scale}, "
               f"lr {cfg.train.learning_rate}; LoRA* r={cfg.lora.r}, lr {cfg.lora.learning_rate}; "
-              f"{cfg.train.max_steps} steps × {cfg.train.batch_size} × {cfg.train.max_length} tokens for each. "
+              f"{cfg.train.max_steps} steps × {cfg.train.batch_size} × {cfg.train.max_length} tokens of `{cfg.train.data}` "
+              "for each. "
               f"Wall time of this invocation: {seconds / 60:.1f} min.", ""]  # fmt: skip
     if results:
         tasks = sorted({t for r in results.values() for t in r.get("zero_shot", {})})
