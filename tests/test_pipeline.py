@@ -114,3 +114,7 @@ def test_shipped_pipeline_configs_parse():
     path = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "smollm2_wanda24_recovery.yaml"
     cfg = PipelineConfig.from_yaml(path)
     assert cfg.prune.sparsity == "2:4" and cfg.train.max_steps > PipelineConfig().train.max_steps
+    from spp_hf.alpaca import load_sft_data
+
+    rows, packed = load_sft_data(cfg.train.data)  # its training data ships with the package
+    assert len(rows) > 0 and packed == (cfg.train.data == "c4-sample")
