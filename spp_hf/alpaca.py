@@ -57,9 +57,11 @@ def _checked_alpaca(data: Dataset, name: str, max_samples: int | None) -> Datase
             f"{name} is not in Alpaca format: missing columns {sorted(missing)} (found {data.column_names}). "
             "Expected instruction, input (optional) and output."
         )
-    if max_samples is not None:
-        data = data.select(range(min(max_samples, len(data))))
-    return data
+    return _first(data, max_samples)
+
+
+def _first(data: Dataset, max_samples: int | None) -> Dataset:
+    return data if max_samples is None else data.select(range(min(max_samples, len(data))))
 
 
 def to_sft_format(data: Dataset, train_on_inputs: bool = True) -> Dataset:
@@ -88,7 +90,4 @@ def load_sft_data(name: str = "bundled", split: str = "train", max_samples: int 
             f"{name} is neither Alpaca (instruction, input, output) nor plain text (a 'text' column); "
             f"found columns {data.column_names}."
         )
-    data = data.select_columns(["text"])
-    if max_samples is not None:
-        data = data.select(range(min(max_samples, len(data))))
-    return data, True
+    return _first(data.select_columns(["text"]), max_samples), True

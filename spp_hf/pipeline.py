@@ -33,7 +33,6 @@ from .files import atomic_write_text
 logger = logging.getLogger(__name__)
 
 VARIANTS = ("dense", "pruned", "spp", "lora_star")
-BUNDLED_CALIB = Path(__file__).resolve().parent / "data" / "calib" / "c4_demo.jsonl"
 
 
 @dataclass
@@ -266,6 +265,7 @@ def _masks(model) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------- stages
 def stage_prune(cfg: PipelineConfig) -> Path:
+    from .alpaca import BUNDLED
     from .pruning import prune, save_pruned
 
     out = cfg.run_dir / "pruned"
@@ -274,7 +274,7 @@ def stage_prune(cfg: PipelineConfig) -> Path:
     model, tokenizer = _load(_resolve_model(cfg.model))
     p = cfg.prune
     report = prune(
-        model, method=p.method, sparsity=p.sparsity, calibration=p.calibration or str(BUNDLED_CALIB),
+        model, method=p.method, sparsity=p.sparsity, calibration=p.calibration or str(BUNDLED["c4-sample"]),
         tokenizer=tokenizer, nsamples=p.nsamples, seqlen=p.seqlen, seed=p.seed,
     )  # fmt: skip
     save_pruned(model, tokenizer, out, report)
