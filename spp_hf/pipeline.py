@@ -70,6 +70,9 @@ class TrainSettings:
     seed: int = 0
     save_steps: int = 20
     gradient_checkpointing: bool = False  # TRL's default is True; a 135M model at 4 × 256 tokens does not need it
+    # 0: the paper's language-modelling loss. > 0: distil from the dense model (`spp_hf.distill`), the
+    # same way for SPP and LoRA*: loss = (1 - w)·CE + w·KL(dense ‖ student).
+    distill_weight: float = 0.0
 
 
 @dataclass
@@ -243,6 +246,14 @@ def _train_data(cfg: PipelineConfig):
     return load_sft_data(cfg.train.data, max_samples=cfg.train.max_samples)
 
 
+def _distillation(cfg: PipelineConfig) -> dict[str, Any]:
+    """Trainer arguments that make the dense model the teacher, or none for the plain LM loss."""
+    if cfg.train.distill_weight <= 0:
+        return {}
+    teacher, _ = _load(_resolve_model(cfg.model))
+    return {"teacher_model": teacher, "distill_weight": cfg.train.distill_weight}
+
+
 def _last_checkpoint(output_dir: Path) -> bool:
     return output_dir.is_dir() and any(p.name.startswith("checkpoint-") for p in output_dir.iterdir())
 
@@ -295,7 +306,7 @@ def stage_spp(cfg: PipelineConfig, pruned: Path) -> Path:
         data, packed = _train_data(cfg)
         trainer = SPPSFTTrainer(
             str(pruned), args=_training_args(cfg, train_dir, t.learning_rate, packed), train_dataset=data,
-            spp_config=spp_config, dataset_name=t.data,
+            spp_config=spp_config, dataset_name=t.data, **_distillation(cfg),
         )  # fmt: skip
         start = time.perf_counter()
         trainer.train(resume_from_checkpoint=_last_checkpoint(train_dir) or None)
@@ -316,7 +327,8 @@ def stage_spp(cfg: PipelineConfig, pruned: Path) -> Path:
 def stage_lora_star(cfg: PipelineConfig, pruned: Path) -> Path:
     """LoRA* (paper Table 5): LoRA on the same targets, data and steps, merged, then the mask re-applied."""
     from peft import LoraConfig
-    from trl import SFTTrainer
+
+    from .distill import DistillSFTTrainer
 
     t, lo = cfg.train, cfg.lora
     train_dir, merged = cfg.run_dir / "lora_star" / "train", cfg.run_dir / "lora_star" / "merged"
@@ -327,7 +339,9 @@ def stage_lora_star(cfg: PipelineConfig, pruned: Path) -> Path:
     lora = LoraConfig(r=lo.r, lora_alpha=lo.lora_alpha, lora_dropout=t.dropout, target_modules=list(t.target_modules), task_type="CAUSAL_LM")
     data, packed = _train_data(cfg)
     args = _training_args(cfg, train_dir, lo.learning_rate, packed)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
+    trainer = DistillSFTTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora, **_distillation(cfg)
+    )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=_last_checkpoint(train_dir) or None)
     _save_loss_history(trainer, train_dir)

@@ -36,6 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, SPPConfig
+from .distill import DistillationMixin
 from .files import atomic_save_safetensors, atomic_write_text
 from .model import SPPMismatchError, SPPModelMixin, check_fingerprint, find_target_modules, get_spp_model
 from .sharding import (
@@ -99,7 +100,7 @@ def _is_sharded(model: nn.Module) -> bool:
 
 
 # --------------------------------------------------------------------------- the trainer
-class SPPSFTTrainer(SFTTrainer):
+class SPPSFTTrainer(DistillationMixin, SFTTrainer):
     """Supervised fine-tuning of an SPP adapter on a pruned base, as a drop-in for `trl.SFTTrainer`.
 
     Args:
@@ -110,6 +111,8 @@ class SPPSFTTrainer(SFTTrainer):
         dataset_name: a name for the data set in the model card (e.g. ``"yahma/alpaca-cleaned"``).
         quantization_config: `BitsAndBytesConfig` for loading ``model`` from a path in 4/8 bit.
         peft_config: not accepted (SPP replaces PEFT methods here; LoRA would densify the base).
+        teacher_model, distill_weight, distill_temperature: optional distillation from the dense
+            model (`spp_hf.distill.DistillationMixin`); without a teacher the loss is TRL's.
 
     Other arguments are those of `trl.SFTTrainer`.
     """

@@ -81,6 +81,19 @@ def test_pipeline_trains_on_packed_plain_text(tiny_dense, tmp_path):
         assert max(per_step) == 2 * 64 and min(per_step) > 64, (variant, per_step)
 
 
+def test_pipeline_distils_both_methods_from_the_dense_model(tiny_dense, tmp_path):
+    """train.distill_weight=1: SPP and LoRA* both minimise KL(dense ‖ student) instead of the LM loss."""
+    args = ["run", "--set", f"model={tiny_dense}", "--set", f"output_dir={tmp_path}", "--set", "name=kd", "--skip", "eval"]
+    for item in FAST + ["train.max_steps=2", "train.distill_weight=1.0"]:
+        args += ["--set", item]
+    assert cli_main(args) == 0
+    first = {v: json.loads((tmp_path / "kd" / v / "train" / "loss_history.json").read_text())[0][1] for v in ("spp", "lora_star")}
+    # Both start as the pruned base (β = 0, LoRA B = 0) on the same first batch: the same KL to the dense
+    # model, which for these near-uniform random models is far below the LM loss (~ln 49152 = 10.8).
+    assert first["spp"] == pytest.approx(first["lora_star"], rel=1e-4)
+    assert 0.0 < first["spp"] < 1.0
+
+
 def test_config_overrides_and_errors(tmp_path):
     cfg = PipelineConfig.from_dict(apply_overrides({}, ["train.max_steps=7", "prune.sparsity=0.5", "name=x"]))
     assert cfg.train.max_steps == 7 and cfg.prune.sparsity == 0.5 and cfg.run_dir.name == "x"
