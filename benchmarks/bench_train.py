@@ -15,6 +15,11 @@ steps are not timed. Ratios are against LoRA (targets: SPP ≤ 1.3× LoRA time, 
 
     python benchmarks/bench_train.py                      # 2 warm-up + 5 timed steps of 4 × 256 tokens, dropout 0 and 0.05
     python benchmarks/bench_train.py --steps 2 --warmup 1 --seq 64 --methods spp-fused lora   # smoke run
+    python benchmarks/bench_train.py --methods spp-fused lora --dropout 0 --malloc glibc keep  # spp_hf.cpu_memory
+
+`--malloc keep` (the default, what the `spp-hf` CLI does) calls `spp_hf.cpu_memory.keep_freed_memory()`
+in the worker; `glibc` leaves glibc's defaults. With both, the table adds each method's time and peak
+memory against its own `glibc` run.
 """
 
 from __future__ import annotations
@@ -162,11 +167,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.05], help="SPP and LoRA dropout(s) (paper: 0.05)")
+    parser.add_argument("--malloc", nargs="+", default=["keep"], choices=["glibc", "keep"],
+                        help="keep: keep_freed_memory() in the worker (as the CLI); glibc: the defaults")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        if args.malloc[0] == "keep":
+            from spp_hf.cpu_memory import keep_freed_memory
+
+            keep_freed_memory()
         run_worker(args.worker, args.steps, args.warmup, args.batch, args.seq, args.dropout[0], args.out)
         return
 
@@ -175,15 +186,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for dropout in args.dropout:
             for method in args.methods:
-                out = Path(tmp) / f"{method}-{dropout}.json"
-                cmd = [sys.executable, __file__, "--worker", method, "--out", str(out), "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
-                       "--dropout", str(dropout)]  # fmt: skip
-                print(f"running {method}, dropout {dropout} ...", file=sys.stderr, flush=True)
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise SystemExit(f"{method} failed:\n{proc.stderr[-4000:]}")
-                results.append(dict(json.loads(out.read_text()), dropout=dropout))
+                for malloc in args.malloc:
+                    out = Path(tmp) / f"{method}-{dropout}-{malloc}.json"
+                    cmd = [sys.executable, __file__, "--worker", method, "--out", str(out), "--steps", str(args.steps),
+                           "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
+                           "--dropout", str(dropout), "--malloc", malloc]  # fmt: skip
+                    print(f"running {method}, dropout {dropout}, malloc {malloc} ...", file=sys.stderr, flush=True)
+                    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        raise SystemExit(f"{method} failed:\n{proc.stderr[-4000:]}")
+                    results.append(dict(json.loads(out.read_text()), dropout=dropout, malloc=malloc))
     for dropout in args.dropout:
         print(table([r for r in results if r["dropout"] == dropout], args, dropout) + "\n")
     if args.json:
@@ -191,20 +203,23 @@ def main() -> None:
 
 
 def table(results: list[dict], args: argparse.Namespace, dropout: float) -> str:
-    lora = next((r for r in results if r["method"] == "lora"), None)
+    lora = next((r for r in results if r["method"] == "lora" and r["malloc"] == args.malloc[0]), None)
+    glibc = {r["method"]: r for r in results if r["malloc"] == "glibc"}
     lines = [
         f"SFT on SmolLM2-135M (2:4 magnitude-pruned), batch {args.batch} x {args.seq} tokens, dropout {dropout}, fp32, "
         f"{results[0]['threads']} threads; median of {args.steps} steps after {args.warmup} warm-up; one process per method",
         "",
-        "| method | trainable params | s/step | peak RSS (MB) | RSS before training (MB) | time / LoRA | peak mem / LoRA |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | malloc | trainable params | s/step | peak RSS (MB) | RSS before training (MB) | time / LoRA | "
+        "peak mem / LoRA | time / glibc | peak mem / glibc |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        t_ratio = f"{r['step_s'] / lora['step_s']:.2f}x" if lora else "-"
-        m_ratio = f"{r['rss_peak_mb'] / lora['rss_peak_mb']:.2f}x" if lora else "-"
+        ratios = []
+        for ref in (lora if r["malloc"] == args.malloc[0] else None, glibc.get(r["method"])):
+            ratios += [f"{r['step_s'] / ref['step_s']:.2f}x", f"{r['rss_peak_mb'] / ref['rss_peak_mb']:.2f}x"] if ref else ["-", "-"]
         lines.append(
-            f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.2f} | {r['rss_peak_mb']:.0f} | "
-            f"{r['rss_before_mb']:.0f} | {t_ratio} | {m_ratio} |"
+            f"| {r['method']} | {r['malloc']} | {r['trainable']:,} | {r['step_s']:.2f} | {r['rss_peak_mb']:.0f} | "
+            f"{r['rss_before_mb']:.0f} | " + " | ".join(ratios) + " |"
         )
     return "\n".join(lines)
 

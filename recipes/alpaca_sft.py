@@ -178,4 +178,7 @@ def _warn_if_dense(trainer: SPPSFTTrainer) -> None:
 
 
 if __name__ == "__main__":
+    from spp_hf.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # on CPU, reuse freed step buffers instead of faulting them back in
     main()

@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # CPU training and pruning reuse freed buffers instead of faulting them back in
     return int(args.func(args) or 0)
 
 

@@ -52,7 +52,7 @@ def plot_losses(run_dir: Path, out: Path) -> bool:
             drawn = True
     if drawn:
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
+        ax.set_ylabel("training loss")  # the KL to the dense model when distilling
         ax.legend()
         fig.tight_layout()
         fig.savefig(out, dpi=110)
@@ -86,6 +86,14 @@ def plot_sparsity(before: list[tuple[str, float]], after: list[tuple[str, float]
     plt.close(fig)
 
 
+def _objective(distill_weight: float) -> str:
+    if distill_weight <= 0:
+        return "language-modelling loss"
+    if distill_weight >= 1:
+        return "distilled from the dense model (KL loss)"
+    return f"loss {1 - distill_weight:g}·LM + {distill_weight:g}·KL to the dense model"
+
+
 def write_report(cfg: "PipelineConfig", results: dict[str, dict], seconds: float) -> Path:
     """Write runs/<name>/report.md with tables and plots; returns its path."""
     from .pipeline import gap_closed
@@ -96,7 +104,7 @@ def write_report(cfg: "PipelineConfig", results: dict[str, dict], seconds: float
               f"({cfg.prune.nsamples} × {cfg.prune.seqlen} calibration tokens); SPP r={cfg.train.r}, s={cfg.train.scale}, "
               f"lr {cfg.train.learning_rate}; LoRA* r={cfg.lora.r}, lr {cfg.lora.learning_rate}; "
               f"{cfg.train.max_steps} steps × {cfg.train.batch_size} × {cfg.train.max_length} tokens of `{cfg.train.data}` "
-              "for each. "
+              f"for each, {_objective(cfg.train.distill_weight)}. "
               f"Wall time of this invocation: {seconds / 60:.1f} min.", ""]  # fmt: skip
     if results:
         tasks = sorted({t for r in results.values() for t in r.get("zero_shot", {})})

@@ -20,6 +20,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from spp_hf.cpu_memory import keep_freed_memory
+
+keep_freed_memory()  # as the CLI does: the suite reuses freed buffers instead of faulting them back in
+
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
 

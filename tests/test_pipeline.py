@@ -54,7 +54,7 @@ def test_pipeline_runs_resumes_and_keeps_zeros(tiny_dense, tmp_path):
     assert all(math.isfinite(r["ppl"]) and r["ppl_windows"] == 2 for r in results.values())
     assert 0.0 <= results["spp"]["zero_shot"]["spp_copa"]["acc"] <= 1.0
     report = (run / "report.md").read_text()
-    assert "identical to" in report and "LoRA*" in report
+    assert "identical to" in report and "LoRA*" in report and "language-modelling loss" in report
     losses = json.loads((run / "spp" / "train" / "loss_history.json").read_text())
     assert [s for s, _ in losses] == [1, 2, 3, 4]
 
@@ -92,6 +92,7 @@ def test_pipeline_distils_both_methods_from_the_dense_model(tiny_dense, tmp_path
     # model, which for these near-uniform random models is far below the LM loss (~ln 49152 = 10.8).
     assert first["spp"] == pytest.approx(first["lora_star"], rel=1e-4)
     assert 0.0 < first["spp"] < 1.0
+    assert "distilled from the dense model" in (tmp_path / "kd" / "report.md").read_text()
 
 
 def test_config_overrides_and_errors(tmp_path):
