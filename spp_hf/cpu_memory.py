@@ -3,7 +3,8 @@
 glibc serves allocations above a threshold (128 KiB to 32 MiB, adaptive) with ``mmap`` and returns
 them with ``munmap`` when freed; a training step allocates and frees the same activation and logit
 buffers (hundreds of MB) every time, so each step page-faults them in again. On the 2-core machines
-this project is measured on that is about a quarter of a SmolLM2 step (`benchmarks/bench_train.py --malloc glibc keep`).
+this project is measured on, keeping them makes a SmolLM2 SFT step take 0.73× (SPP) to 0.88× (LoRA)
+the time (`benchmarks/bench_train.py --malloc glibc keep`).
 PyTorch's CPU tuning guide suggests jemalloc/tcmalloc for this; `keep_freed_memory` gets most of the
 gain from glibc itself (``mallopt``) without an extra library. The CLI calls it; library users may.
 """
@@ -24,7 +25,8 @@ _INT_MAX = 2**31 - 1
 
 @functools.cache
 def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds (to 2 GiB) for this process; True if glibc accepted.
+    """Raise glibc's mmap and trim thresholds (to 2 GiB) and its top pad (1 GiB) for this process;
+    True if glibc accepted.
 
     Memory freed by one step is reused by the next instead of being unmapped and faulted back in.
     A no-op (False) off Linux/glibc. Peak memory is unchanged; the process keeps what it peaked at.
