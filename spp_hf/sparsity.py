@@ -57,22 +57,33 @@ def fingerprint_modules(named_weights: Iterable[tuple[str, torch.Tensor]]) -> di
     return {"hash": total.hexdigest(), "modules": modules}
 
 
-def compare_fingerprints(expected: dict, found: dict) -> str | None:
-    """Describe the first difference between two fingerprints, or None if they match."""
-    if expected.get("hash") == found.get("hash"):
-        return None
-    exp_mods, found_mods = expected.get("modules", {}), found.get("modules", {})
-    for name, exp in exp_mods.items():
-        got = found_mods.get(name)
+def zero_mask_differences(reference: dict, found: dict) -> list[str]:
+    """Every module of `reference` whose zero mask differs in `found` (both `fingerprint_modules` outputs).
+
+    One line per differing module: missing, another shape, or another mask (zero counts given). Modules
+    `found` has beyond `reference` are not differences: a model may carry layers an adapter never touched.
+    An empty list means the model has exactly the reference's zeros.
+    """
+    problems = []
+    found_modules = found.get("modules", {})
+    for name, ref in reference.get("modules", {}).items():
+        got = found_modules.get(name)
         if got is None:
-            return f"module {name!r} is missing from the base"
-        for key in ("shape", "zeros", "hash"):
-            if exp[key] != got[key]:
-                return f"module {name!r}: expected {key} {exp[key]}, found {got[key]}"
-    extra = sorted(set(found_mods) - set(exp_mods))
-    if extra:
-        return f"the base has modules the adapter does not know: {extra[:3]}"
-    return "the overall mask hash differs"
+            problems.append(f"{name}: missing")
+        elif list(got["shape"]) != list(ref["shape"]):
+            problems.append(f"{name}: shape {list(got['shape'])} != {list(ref['shape'])}")
+        elif got["hash"] != ref["hash"] or got["zeros"] != ref["zeros"]:
+            problems.append(f"{name}: zero mask differs ({got['zeros']} zeros, expected {ref['zeros']})")
+    return problems
+
+
+def compare_fingerprints(expected: dict, found: dict) -> str | None:
+    """The first of `zero_mask_differences`, or None: kept for callers that report one difference."""
+    problems = zero_mask_differences(expected, found)
+    if problems:
+        return f"{len(problems)} modules differ, first {problems[0]}"
+    extra = sorted(set(found.get("modules", {})) - set(expected.get("modules", {})))
+    return f"the base has modules the adapter does not know: {extra[:3]}" if extra else None
 
 
 @dataclass
