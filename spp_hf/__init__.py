@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 from .config import SPPConfig
 from .layer import SPPLinear
-from .model import SPPMismatchError, SPPModel, SPPModelMixin, get_spp_model
+from .loading import SPPMismatchError, SPPModel
+from .model import SPPModelMixin, get_spp_model
 from .sparsity import sparsity_report
 
 __all__ = [

@@ -323,7 +323,7 @@ def load_for_eval(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import CONFIG_NAME, SPPConfig
-    from .model import SPPModel, resolve_adapter
+    from .loading import SPPModel, resolve_adapter
 
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)

@@ -7,9 +7,8 @@ in the Hugging Face stack.
 
 from __future__ import annotations
 
-import json
+import re
 import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -30,12 +29,22 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import get_token
 
-from .cards import PLACEHOLDER_REPO_ID, fill_repo_id, render_merged_card
-from .config import CONFIG_NAME, WEIGHTS_NAME, SPPConfig
-from .files import atomic_write_text
+from .artifacts import (
+    ADAPTER_FILES,
+    CONFIG_NAME,
+    README_NAME,
+    SPARSITY_NAME,
+    WEIGHTS_NAME,
+    atomic_write_text,
+    model_sparsity_record,
+    read_adapter_files,
+    read_sparsity_json,
+    sparsity_fingerprint,
+    write_adapters,
+    write_model_folder,
+)
 
-SPARSITY_NAME = "sparsity.json"
-ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
+_REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][\w\-.]*/)?[A-Za-z0-9][\w\-.]{0,95}$")
 # Small files that tell what else a repo holds when it is not an SPP adapter.
 KIND_HINT_FILES = ("adapter_config.json", "config.json", SPARSITY_NAME)
 
@@ -56,11 +65,11 @@ def push_folder(
     create_pr: bool = False,
     allow_patterns: list[str] | str | None = None,
     ignore_patterns: list[str] | str | None = None,
-) -> str:
+) -> Any:
     """Upload a folder (pruned base, adapter or merged model) to a Hub repo in one commit.
 
-    Creates the repo (and the `revision` branch) if missing. A README.md that still names
-    `PLACEHOLDER_REPO_ID` is uploaded with `repo_id` filled in (the folder itself is not changed).
+    Creates the repo (and the `revision` branch) if missing. A README.md that still names the
+    cards' placeholder repo id is uploaded with `repo_id` filled in (the folder itself is not changed).
     Returns the `CommitInfo` (a `str`: the commit url; `.oid` is the commit sha).
     """
     folder = Path(folder)
@@ -83,6 +92,102 @@ def push_folder(
             )
 
 
+def split_revision(name: str) -> tuple[str, str | None]:
+    """'org/name@rev' -> ('org/name', 'rev'); 'org/name' -> ('org/name', None)."""
+    repo, sep, revision = name.partition("@")
+    return repo, (revision or None) if sep else None
+
+
+def verified_base(
+    base: str, revision: str | None, mask_fingerprint: dict | None, token: str | bool | None = None
+) -> str:
+    """The commit sha of `base` at `revision` (default: main now), after checking it has the adapter's zeros.
+
+    The check reads the mask fingerprint that base's `sparsity.json` records at that commit (every
+    model folder spp-hf writes has one), so what the Hub now serves is what the adapter was trained on.
+    """
+    from .sparsity import zero_mask_differences
+
+    if not is_hub_id(base):
+        raise SPPHubError(f"{base!r} is not a Hub repo id; pass the pruned base's repo as ORG/NAME[@REVISION].")
+    try:
+        sha = HfApi(token=token).model_info(base, revision=revision, token=token).sha
+    except (HfHubHTTPError, OfflineModeIsEnabled) as err:
+        raise SPPHubError(explain_hub_error(err, base, revision, token, role="base")) from err
+    if not mask_fingerprint:
+        return sha
+    served = sparsity_fingerprint(fetch_sparsity_json(base, sha, token))
+    if served is None:
+        raise SPPHubError(
+            f"The base {base!r} at {sha[:12]} has no {SPARSITY_NAME} with a mask fingerprint, so the adapter's zeros "
+            "cannot be checked against it. Push the pruned base with spp-hf (spp-hf prune --push-to-hub, spp-hf push "
+            "runs/<name>/pruned ORG/NAME or spp-hf publish), which writes it."
+        )
+    problems = zero_mask_differences(mask_fingerprint, served)
+    if problems:
+        raise SPPHubError(
+            f"The base {base!r} at {sha[:12]} does not have the adapter's zeros in {len(problems)} layers "
+            f"({'; '.join(problems[:3])}). Pass the repo and revision of the pruned base the adapter was trained on."
+        )
+    return sha
+
+
+def push_adapter_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    base: str | None = None,
+    private: bool | None = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | bool | None = None,
+    *,
+    create_pr: bool = False,
+) -> Any:
+    """Upload a saved adapter (and its named sub-adapters) keyed to a base others can download.
+
+    `base` ("ORG/NAME" or "ORG/NAME@REV") re-keys the adapter to that repo at the commit the revision
+    names now. Without it, the base the adapter records is used; a local path there is refused, since
+    nobody else could load it. Either way the base's mask fingerprint on the Hub is checked first and
+    the pushed `spp_config.json` pins its commit. The local folder is not changed.
+    """
+    folder = Path(folder)
+    names = [""] + sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_NAME}"))
+    if not (folder / CONFIG_NAME).is_file():
+        names = names[1:]
+    if not names:
+        raise FileNotFoundError(f"{folder} holds no {CONFIG_NAME}: save the adapter there first (model.save_pretrained).")
+    base_name, base_rev = split_revision(base) if base else (None, None)
+    adapters = {}
+    for name in names:
+        config, tensors = read_adapter_files(folder / name if name else folder)
+        recorded = config.get("base_model_name_or_path")
+        target = base_name or recorded
+        if not is_hub_id(target):
+            raise SPPHubError(
+                f"The adapter in {folder / name} names its base as {recorded!r}, which is not a Hub repo, so "
+                f"SPPModel.from_pretrained({repo_id!r}) would fail for everyone else. Push the pruned base first and "
+                "pass it: `spp-hf push ADAPTER REPO --base ORG/NAME[@REVISION]` (push_adapter_folder(..., base=...)), "
+                "or publish the whole run with `spp-hf publish RUN_DIR ORG/NAME`."
+            )
+        rev = base_rev if base_name else config.get("base_model_revision")
+        sha = verified_base(target, rev, config.get("mask_fingerprint"), token)
+        adapters[name] = _rekeyed(config, tensors, target, sha, repo_id if not name else None)
+    with tempfile.TemporaryDirectory(prefix="spp-adapter-push-") as tmp:
+        write_adapters(Path(tmp) / "adapter", adapters)
+        return push_folder(Path(tmp) / "adapter", repo_id, private, revision, commit_message or "Upload SPP adapter",
+                           token, create_pr=create_pr)  # fmt: skip
+
+
+def _rekeyed(config: dict, tensors: dict, base: str, sha: str, repo_id: str | None) -> Any:
+    """An adapter's files with its config pointing at `base`@`sha` and a card rendered for that."""
+    from .artifacts import AdapterFiles
+    from .cards import render_adapter_card
+    from .config import SPPConfig
+
+    config = {**config, "base_model_name_or_path": base, "base_model_revision": sha}
+    return AdapterFiles(config, tensors, render_adapter_card(SPPConfig.from_dict(config), repo_id=repo_id))
+
+
 def push_adapter(
     model: Any,
     repo_id: str,
@@ -93,44 +198,42 @@ def push_adapter(
     token: str | bool | None = None,
     *,
     create_pr: bool = False,
-) -> str:
-    """Save an SPP model's adapter(s) (into `folder`, or a temp folder) and upload only the adapter files.
+    base: str | None = None,
+) -> Any:
+    """Save an SPP model's adapter(s) (into `folder`, or a temp folder) and upload them (`push_adapter_folder`).
 
     The base weights are never uploaded: the adapter's `spp_config.json` names the base repo and
-    revision, which `SPPModel.from_pretrained` downloads.
+    commit, which `SPPModel.from_pretrained` downloads. `base` re-keys a base loaded from a local folder.
     """
-    for name, config in model.spp_config.items():
-        base = config.base_model_name_or_path
-        if _is_hub_id(base) and config.base_model_revision is None:
-            config.base_model_revision = base_commit(base, token=token)
-        if not _is_hub_id(base):
-            warnings.warn(
-                f"Adapter {name!r} was trained on base {base!r}, which is not a Hub repo id, so "
-                f"SPPModel.from_pretrained({repo_id!r}) will need base_model=... . Push the pruned base first and "
-                "load it from the Hub before training, or set config.base_model_name_or_path/base_model_revision.",
-                stacklevel=2,
-            )
-    names = list(model.spp_config)
-    patterns = list(ADAPTER_FILES)
-    if len(names) > 1:
-        patterns += [f"{n}/{f}" for n in names if n != "default" for f in ADAPTER_FILES]
     with nullcontext(folder) if folder is not None else tempfile.TemporaryDirectory(prefix="spp-adapter-") as target:
         model.save_pretrained(target)
-        return push_folder(target, repo_id, private, revision, commit_message or "Upload SPP adapter", token,
-                           create_pr=create_pr, allow_patterns=patterns)  # fmt: skip
+        return push_adapter_folder(target, repo_id, base, private, revision, commit_message, token, create_pr=create_pr)
 
 
 def base_commit(name: str, revision: str | None = None, token: str | bool | None = None) -> str | None:
     """The commit sha a base loaded from the Hub came from, to pin it in an adapter's config.
 
     transformers 5 no longer sets `config._commit_hash`, but `from_pretrained` records the commit it
-    resolved `revision` to in the cache (`refs/<revision>`); that is read first, without a network call.
-    Failing that, the revision's current commit is asked from the Hub (with a warning, since the base
-    may have changed since it was loaded). None for local folders or when neither works.
+    resolved a revision to in the cache (`refs/<revision>`). With `revision` that ref is read, else
+    the Hub is asked (with a warning: the base may have changed since it was loaded). Without
+    `revision` the load's revision is unknown, so it is never assumed to be main: the cache must hold
+    exactly one commit of the repo; otherwise None is returned with a warning saying how to pin it.
+    None for local folders.
     """
     from huggingface_hub.errors import RevisionResolutionError
 
-    if not _is_hub_id(name):
+    if not is_hub_id(name):
+        return None
+    if revision is None:
+        commits = _cached_commits(name)
+        if len(commits) == 1:
+            return commits.pop()
+        warnings.warn(
+            f"The revision base {name!r} was loaded from is unknown ({len(commits)} commits of it in the cache), so the "
+            "adapter records none. Set config.base_model_revision, or push with `spp-hf push ADAPTER REPO --base "
+            f"{name}@REVISION`, which pins the commit after checking its zeros.",
+            stacklevel=3,
+        )
         return None
     api = HfApi(token=token)
     try:
@@ -142,28 +245,39 @@ def base_commit(name: str, revision: str | None = None, token: str | bool | None
     except (HfHubHTTPError, RevisionResolutionError, OfflineModeIsEnabled):
         return None
     warnings.warn(
-        f"Pinned the adapter's base {name!r} to its current revision {sha[:12]} (the loaded revision was not in the "
-        "cache); if the base changed since you loaded it, set config.base_model_revision yourself.",
+        f"Pinned the adapter's base {name!r} to the current commit {sha[:12]} of {revision!r} (the loaded commit was not "
+        "in the cache); if the base changed since you loaded it, set config.base_model_revision yourself.",
         stacklevel=3,
     )
     return sha
 
 
+def _cached_commits(name: str) -> set[str]:
+    """Commits of a model repo in the HF cache: those its refs name, else its snapshot folders."""
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{name.replace('/', '--')}"
+    commits = {p.read_text().strip() for p in (repo / "refs").rglob("*") if p.is_file()} if (repo / "refs").is_dir() else set()
+    if not commits and (repo / "snapshots").is_dir():
+        commits = {p.name for p in (repo / "snapshots").iterdir() if p.is_dir()}
+    return commits
+
+
 def describe_folder(folder: str | os.PathLike) -> str:
-    """'SPP adapter', 'SPP-merged model', 'pruned base' or 'model', from the files in a folder."""
+    """'SPP adapter', 'SPP-merged model', 'merged model', 'pruned base' or 'model', from the files in a folder."""
     folder = Path(folder)
     if (folder / CONFIG_NAME).is_file():
         return "SPP adapter"
-    data = read_sparsity_json(folder / SPARSITY_NAME)
+    data = read_sparsity_json(folder)
     if data is not None:
-        return "SPP-merged model" if data.get("kind") == "spp-merged" else "pruned base"
+        return {"spp-merged": "SPP-merged model", "merged": "merged model"}.get(data.get("kind"), "pruned base")
     return "model"
 
 
 @contextmanager
 def _card_filled(folder: Path, repo_id: str) -> Iterator[Path]:
     """`folder`, or a mirror of it (files symlinked) whose README.md names `repo_id` instead of the placeholder."""
-    readme = folder / "README.md"
+    from .cards import PLACEHOLDER_REPO_ID, fill_repo_id
+
+    readme = folder / README_NAME
     if not readme.is_file() or PLACEHOLDER_REPO_ID not in readme.read_text(encoding="utf-8"):
         yield folder
         return
@@ -175,8 +289,8 @@ def _card_filled(folder: Path, repo_id: str) -> Iterator[Path]:
             target.mkdir(parents=True, exist_ok=True)
             for name in files:
                 os.symlink(Path(root).resolve() / name, target / name)
-        (mirror / "README.md").unlink()
-        atomic_write_text(mirror / "README.md", fill_repo_id(readme.read_text(encoding="utf-8"), repo_id))
+        (mirror / README_NAME).unlink()
+        atomic_write_text(mirror / README_NAME, fill_repo_id(readme.read_text(encoding="utf-8"), repo_id))
         yield mirror
 
 
@@ -323,17 +437,18 @@ def _not_an_adapter_message(folder: Path, repo_id: str, revision: str | None) ->
 
 
 def _check_repo_id(name: str, what: str) -> None:
-    if not _is_hub_id(name):
+    if not is_hub_id(name):
         raise FileNotFoundError(
             f"{name!r} is neither an existing local folder nor a Hub repo id ('namespace/name'); "
             f"pass the folder of a saved {what} or its repo id."
         )
 
 
-def _is_hub_id(name: str | None) -> bool:
-    from .cards import _is_hub_id as is_hub_id
-
-    return is_hub_id(name)
+def is_hub_id(name: str | None) -> bool:
+    """A Hub repo id (`name` or `namespace/name`), not a path on this machine."""
+    if not name or os.path.exists(os.path.expanduser(name)) or name.startswith((".", "/", "~")):
+        return False
+    return bool(_REPO_ID_RE.match(name)) and ".." not in name
 
 
 def _has_token(token: str | bool | None) -> bool:
@@ -343,35 +458,12 @@ def _has_token(token: str | bool | None) -> bool:
 
 
 # --------------------------------------------------------------------------- sparsity.json
-def read_sparsity_json(path: str | os.PathLike) -> dict | None:
-    """The contents of a sparsity.json, or None if there is none."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); re-save or re-download the model.") from None
-    return data if isinstance(data, dict) else None
-
-
-def sparsity_fingerprint(data: dict | None) -> dict | None:
-    """The mask fingerprint ({"hash", "modules"}) recorded in a sparsity.json, under any of the keys we write."""
-    if not data:
-        return None
-    for key in ("mask_fingerprint", "fingerprint"):
-        value = data.get(key)
-        if isinstance(value, dict) and "modules" in value:
-            return value
-    return data if "modules" in data and "hash" in data else None
-
-
 def fetch_sparsity_json(name_or_path: str, revision: str | None = None, token: str | bool | None = None) -> dict | None:
     """sparsity.json of a local folder or Hub repo (None when it has none or cannot be reached)."""
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         return read_sparsity_json(local / SPARSITY_NAME)
-    if not _is_hub_id(name_or_path):
+    if not is_hub_id(name_or_path):
         return None
     from huggingface_hub import hf_hub_download
 
@@ -398,12 +490,13 @@ def merge_to_folder(
     """Merge an adapter into its pruned base and save a plain transformers checkpoint that keeps the base's zeros.
 
     Writes the model, its tokenizer (when the base has one), `sparsity.json` (report, fingerprint,
-    provenance) and a merged-model card into `out` (which must not exist or be empty; written to a
-    temp folder first, so a failure leaves nothing behind). Refuses to write if a merged layer's
-    zero mask differs from the base's. Optionally pushes the folder to `push_to_hub`.
+    provenance) and a merged-model card into `out` (which must not exist or be empty) with
+    `artifacts.write_model_folder`. Refuses to write if a merged layer's zero mask differs from the
+    adapter's recorded base fingerprint. Optionally pushes the folder to `push_to_hub`.
     """
+    from .cards import render_merged_card
+    from .config import SPPConfig
     from .model import SPPModel, resolve_adapter
-    from .sparsity import compare_fingerprints, fingerprint_modules, iter_linear_weights, sparsity_report
 
     out = Path(out)
     if isinstance(torch_dtype, str) and torch_dtype != "auto":
@@ -419,55 +512,27 @@ def merge_to_folder(
     model = SPPModel.from_pretrained(
         str(directory), base_model=base_model, base_revision=base_revision, merge=True, torch_dtype=torch_dtype, token=token
     )
-    weights = dict(iter_linear_weights(model))
-    expected = config.mask_fingerprint or {}
-    found = fingerprint_modules((name, w) for name, w in weights.items() if name in expected.get("modules", {}))
-    difference = compare_fingerprints(expected, found) if expected else None
-    if difference is not None:
-        raise ValueError(f"The merged weights lost the base's zero mask ({difference}); nothing was written.")
-    report = sparsity_report(model)
-    merged_config = SPPConfig.from_dict(
-        {**config.to_dict(), "base_model_name_or_path": base_name, "base_model_revision": base_rev}
-    )
-    provenance = {
-        "kind": "spp-merged",
-        **report.to_dict(),
-        "mask_fingerprint": fingerprint_modules(weights.items()),
-        "base_model": base_name,
-        "base_model_revision": base_rev,
-        "base_mask_fingerprint": config.mask_fingerprint,
-        "adapter": str(adapter),
-        "adapter_revision": directory.name if directory.parent.name == "snapshots" else revision,
-        "spp_config": config.to_dict(),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        _save_tokenizer(base_name, base_rev, token, tmp)
-        atomic_write_text(tmp / SPARSITY_NAME, json.dumps(provenance, indent=2) + "\n")
-        card = render_merged_card(merged_config, report.to_dict(), eval_results, repo_id=push_to_hub,
-                                  adapter=str(adapter), dataset_name=dataset_name)  # fmt: skip
-        atomic_write_text(tmp / "README.md", card)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    record = model_sparsity_record(
+        model, "spp-merged", base_mask_fingerprint=config.mask_fingerprint, base_model=base_name,
+        base_model_revision=base_rev, adapter=str(adapter),
+        adapter_revision=directory.name if directory.parent.name == "snapshots" else revision, spp_config=config.to_dict(),
+    )  # fmt: skip
+    merged_config = SPPConfig.from_dict({**config.to_dict(), "base_model_name_or_path": base_name, "base_model_revision": base_rev})
+    card = render_merged_card(merged_config, record, eval_results, repo_id=push_to_hub, adapter=str(adapter),
+                              dataset_name=dataset_name)  # fmt: skip
+    write_model_folder(model, _base_tokenizer(base_name, base_rev, token), out, card, record)
     if push_to_hub:
         push_folder(out, push_to_hub, private=private, token=token, commit_message="Upload SPP-merged model")
     return out
 
 
-def _save_tokenizer(name: str | None, revision: str | None, token: str | bool | None, directory: Path) -> None:
-    """Copy the base's tokenizer next to the merged model (a base without one is fine)."""
+def _base_tokenizer(name: str | None, revision: str | None, token: str | bool | None) -> Any:
+    """The base's tokenizer, to save next to the merged model (None when the base has none)."""
     if not name:
-        return
+        return None
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, token=token)
+        return AutoTokenizer.from_pretrained(name, revision=revision, token=token)
     except (OSError, ValueError, KeyError, TypeError):
-        return
-    tokenizer.save_pretrained(directory)
+        return None

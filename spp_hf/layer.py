@@ -21,13 +21,16 @@ Three interchangeable implementations of the same function:
 from __future__ import annotations
 
 import math
+import re
 import threading
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .weights import dense_weight, in_out_features, is_linear_like, is_quantized
+from .weights import QUANTIZED_MERGE_MESSAGE, dense_weight, in_out_features, is_linear_like, is_quantized, set_dense_weight
 
 
 def repeat_alpha(alpha: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -42,10 +45,20 @@ def spp_factor(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return (alpha.view(r, 1, n) * beta.view(r, m // r, 1)).view(m, n)
 
 
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype SPP math runs in: the widest of the given dtypes and float32 (bf16 factors on an fp32
+    base would otherwise round W_eff to bf16)."""
+    out = torch.float32
+    for dtype in dtypes:
+        out = torch.promote_types(out, dtype)
+    return out
+
+
 def effective_weight(weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scale: float) -> torch.Tensor:
-    """W_eff = W ⊙ (1 + s·Repeat₀(α)⊙β) = W + s·W' (the merged weight), computed in α's dtype."""
-    factor = spp_factor(alpha, beta)
-    return factor.mul_(scale).add_(1.0).mul_(weight.to(factor.dtype))
+    """W_eff = W ⊙ (1 + s·Repeat₀(α)⊙β) = W + s·W' (the merged weight), in `compute_dtype` of the inputs."""
+    dtype = compute_dtype(weight.dtype, alpha.dtype, beta.dtype)
+    factor = spp_factor(alpha.to(dtype), beta.to(dtype))
+    return factor.mul_(scale).add_(1.0).mul_(weight.to(dtype))
 
 
 # Row chunks of W_eff / dW_eff: bounds the transient memory of a huge layer, while keeping every GEMM
@@ -76,10 +89,13 @@ def _scratch(slot: str, rows: int, n: int, dtype: torch.dtype, device: torch.dev
         return None
     if device.type != "cpu":
         return torch.empty(rows, n, dtype=dtype, device=device)
+    # A buffer made under inference_mode is an inference tensor, which may not be written outside it
+    # (and a normal one may not be a view target inside it): one buffer per mode.
+    key = (slot, dtype, torch.is_inference_mode_enabled())
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    buf = buffers.get((slot, dtype))
+    buf = buffers.get(key)
     if buf is None or buf.numel() < rows * n:
-        buf = buffers[(slot, dtype)] = torch.empty(rows * n, dtype=dtype)
+        buf = buffers[key] = torch.empty(rows * n, dtype=dtype)
     return buf[: rows * n].view(rows, n)
 
 
@@ -148,8 +164,10 @@ class _FusedSPP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, alpha, beta, scale, dropout_p):
+    def forward(ctx, x, weight, bias, alpha_in, beta_in, scale, dropout_p):
         dtype = x.dtype
+        cd = compute_dtype(weight.dtype, alpha_in.dtype)
+        alpha, beta = alpha_in.to(cd), beta_in.to(cd)
         x2 = x.reshape(-1, x.shape[-1])
         keep = None
         if dropout_p > 0.0:
@@ -166,13 +184,15 @@ class _FusedSPP(torch.autograd.Function):
         y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
         if bias is not None:
             y = y + bias
-        ctx.save_for_backward(x, keep, weight, alpha, beta)
+        ctx.save_for_backward(x, keep, weight, alpha_in, beta_in)
         ctx.scale, ctx.dropout_p, ctx.has_bias = scale, dropout_p, bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, keep, weight, alpha, beta = ctx.saved_tensors
+        x, keep, weight, alpha_in, beta_in = ctx.saved_tensors
+        cd = compute_dtype(weight.dtype, alpha_in.dtype)
+        alpha, beta = alpha_in.to(cd), beta_in.to(cd)
         scale, p = ctx.scale, ctx.dropout_p
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)  # bf16 under autocast while x is fp32
         x2 = x.reshape(-1, x.shape[-1])
@@ -205,8 +225,8 @@ class _FusedSPP(torch.autograd.Function):
                 grad_x.add_(grad_branch.mul_(keep).mul_(scale / (1.0 - p)))
             grad_x = grad_x.view(x.shape)
         if need_factors:
-            grad_alpha.mul_(scale)
-            grad_beta.mul_(scale)
+            grad_alpha = grad_alpha.mul_(scale).to(alpha_in.dtype)
+            grad_beta = grad_beta.mul_(scale).to(beta_in.dtype)
         grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return (
             grad_x,
@@ -220,8 +240,9 @@ class _FusedSPP(torch.autograd.Function):
 
 
 def spp_branch_naive(x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """X W'ᵀ with W' = W ⊙ Repeat₀(α) ⊙ β materialised (Eq. 4)."""
-    w_prime = weight.to(alpha.dtype) * repeat_alpha(alpha, weight.shape[0]) * beta
+    """X W'ᵀ with W' = W ⊙ Repeat₀(α) ⊙ β materialised (Eq. 4), built in `compute_dtype`."""
+    dtype = compute_dtype(weight.dtype, alpha.dtype)
+    w_prime = weight.to(dtype) * repeat_alpha(alpha.to(dtype), weight.shape[0]) * beta.to(dtype)
     return F.linear(x, w_prime.to(x.dtype))
 
 
@@ -238,103 +259,201 @@ def spp_branch_blocked(x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tenso
     return y * beta.view(m).to(x.dtype)
 
 
-class SPPLinear(nn.Module):
-    """A frozen linear layer (Linear, Conv1D or bitsandbytes 4/8-bit) with SPP factors α and β.
+# --------------------------------------------------------------------------- adapter kinds
+ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 
-    The trainable parameters are exactly ``spp_alpha`` (r × in_features) and ``spp_beta``
-    (out_features × 1). Further named adapters are kept aside and swapped in by `set_adapter`.
+
+def check_adapter_name(adapter_name: Any) -> str:
+    """Refuse names that are not a plain identifier-like word (they become folder names and parameter keys)."""
+    if not isinstance(adapter_name, str) or not ADAPTER_NAME_RE.fullmatch(adapter_name):
+        raise ValueError(
+            f"Invalid adapter name {adapter_name!r}: an adapter name is saved as a sub-folder name and a parameter "
+            "key, so it must be 1-64 letters, digits, '_' or '-' (not starting with '-'), e.g. 'default' or 'task_a'."
+        )
+    return adapter_name
+
+
+@dataclass(frozen=True)
+class AdapterKind:
+    """What one adapter type adds to a layer; `SPPLinear` dispatches on the adapter's config class.
+
+    param_names: the layer's `nn.ParameterDict` attributes holding this kind's tensors (also the
+        key suffixes in adapter files, ``<module>.<param_name>``).
+    setting_names: per-adapter plain settings, kept in dicts of the same names on the layer.
+    settings(config) -> {setting: value}.
+    init(layer, config, device) -> {param_name: tensor}: fresh tensors for a new adapter.
+    trainable(settings) -> the param names that train, given `settings(config)` (others stay frozen).
+    forward(layer, adapter_name, x, *args, **kwargs) -> Y with the adapter applied.
+    merged_weight(layer, adapter_name, weight) -> W + s·ΔW for the dense (out, in) weight given in
+        `compute_dtype` (the layer casts, checks zeros and finiteness, and keeps the original).
     """
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        r: int = 16,
-        scale: float = 2.0,
-        dropout: float = 0.0,
-        impl: str = "auto",
-        use_beta: bool = True,
-        zero_init: str = "beta",
-        adapter_dtype: torch.dtype = torch.float32,
-        adapter_name: str = "default",
-    ) -> None:
+    config_class: type
+    param_names: tuple[str, ...]
+    setting_names: tuple[str, ...]
+    settings: Callable[[Any], dict[str, Any]]
+    init: Callable[["SPPLinear", Any, torch.device], dict[str, torch.Tensor]]
+    trainable: Callable[[dict[str, Any]], tuple[str, ...]]
+    forward: Callable[..., torch.Tensor]
+    merged_weight: Callable[["SPPLinear", str, torch.Tensor], torch.Tensor]
+
+
+ADAPTER_KINDS: dict[type, AdapterKind] = {}
+
+
+def register_adapter_kind(kind: AdapterKind) -> None:
+    """Make `SPPLinear` accept adapters configured by `kind.config_class`."""
+    ADAPTER_KINDS[kind.config_class] = kind
+    SPPLinear.adapter_layer_names = tuple(dict.fromkeys((*SPPLinear.adapter_layer_names, *kind.param_names)))
+    SPPLinear.other_param_names = tuple(dict.fromkeys((*SPPLinear.other_param_names, *kind.setting_names)))
+
+
+def adapter_kind(config: Any) -> AdapterKind:
+    """The kind for a config, or a TypeError naming the accepted config classes."""
+    kind = ADAPTER_KINDS.get(type(config))
+    if kind is None:
+        accepted = ", ".join(c.__name__ for c in ADAPTER_KINDS)
+        raise TypeError(
+            f"spp-hf layers take an adapter config of type {accepted}, not {type(config).__name__}. "
+            "For LoRA and other PEFT methods use peft.get_peft_model; for SPP pass SPPConfig(...)."
+        )
+    return kind
+
+
+# --------------------------------------------------------------------------- the layer
+class SPPLinear(nn.Module):
+    """A frozen linear layer (Linear, Conv1D or bitsandbytes 4/8-bit) with named adapters, as PEFT's tuner layers.
+
+    ``SPPLinear(base_layer, adapter_name, config)`` wraps the base with one adapter; `update_layer` adds
+    more. An SPP adapter's factors live in ``spp_alpha[name]`` (r × in_features) and ``spp_beta[name]``
+    (out_features × 1), `nn.ParameterDict`s, so every adapter moves, casts and saves like any
+    parameter; per-adapter settings (r, scale, dropout, impl, use_beta) are dicts keyed the same way.
+    One adapter is active (`active_adapter`); only its parameters train.
+
+    Merging writes W + s·ΔW into the base weight, refusing (weights untouched) if, after the cast to
+    the base dtype, a value is not finite, a zero would become non-zero or a non-zero zero; zeros are
+    written as +0.0. The original weight is kept while merged (one copy of the weight, a non-persistent
+    buffer), so `unmerge` restores it bit for bit.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str = "default", config: Any = None) -> None:
         super().__init__()
         if not is_linear_like(base_layer):
             raise TypeError(
                 f"SPP can wrap nn.Linear, transformers Conv1D and bitsandbytes Linear4bit/Linear8bitLt, "
                 f"not {type(base_layer).__name__}."
             )
+        from .config import SPPConfig
+
+        config = SPPConfig() if config is None else config
         self.base_layer = base_layer
+        self.in_features, self.out_features = in_out_features(base_layer)
+        for name in self.adapter_layer_names:
+            setattr(self, name, nn.ParameterDict())
+        for name in self.other_param_names:
+            setattr(self, name, {})
+        self.adapter_kind: dict[str, AdapterKind] = {}
+        self.merged_adapter: str | None = None
+        self.register_buffer("_unmerged_weight", None, persistent=False)
+        self.disabled = False
+        self.update_layer(adapter_name, config)  # validates before the base is touched
         for param in base_layer.parameters():
             param.requires_grad_(False)
-        self.in_features, self.out_features = in_out_features(base_layer)
-        self.merged = False
-        self.disabled = False
         self.active_adapter = adapter_name
-        self._inactive: dict[str, dict] = {}
-        self._install(r, scale, dropout, impl, use_beta, zero_init, adapter_dtype)
         _register_sharded_weight(self)
 
-    def _install(self, r, scale, dropout, impl, use_beta, zero_init, adapter_dtype) -> None:
-        if self.out_features % r:
-            raise ValueError(valid_r_message("", self.out_features, r))
-        device = self.base_layer.weight.device
-        if device.type == "meta":
-            device = torch.device("cpu")
-        alpha = torch.empty(r, self.in_features, dtype=adapter_dtype, device=device)
-        beta = torch.empty(self.out_features, 1, dtype=adapter_dtype, device=device)
-        if zero_init == "beta":
-            nn.init.kaiming_uniform_(alpha, a=math.sqrt(5))
-            nn.init.zeros_(beta)
-        else:
-            nn.init.zeros_(alpha)
-            if use_beta:
-                nn.init.kaiming_uniform_(beta, a=math.sqrt(5))
-            else:
-                nn.init.ones_(beta)
-        self.spp_alpha = nn.Parameter(alpha)
-        self.spp_beta = nn.Parameter(beta, requires_grad=use_beta)
-        self.r, self.scale, self.dropout_p, self.impl, self.use_beta = r, scale, dropout, impl, use_beta
-
     # ----------------------------------------------------------------- adapters
-    def _state(self) -> dict:
-        return dict(
-            alpha=self.spp_alpha, beta=self.spp_beta, r=self.r, scale=self.scale,
-            dropout=self.dropout_p, impl=self.impl, use_beta=self.use_beta,
-        )  # fmt: skip
+    def check_config(self, config: Any, name: str = "") -> AdapterKind:
+        """Validate a config for this layer (type, r) without changing anything; returns its kind."""
+        kind = adapter_kind(config)
+        if self.out_features % config.r:
+            raise ValueError(valid_r_message(name, self.out_features, config.r))
+        return kind
 
-    def add_adapter(self, adapter_name: str, **kwargs) -> None:
-        """Add a named adapter (freshly initialised) and make it active."""
-        if adapter_name == self.active_adapter or adapter_name in self._inactive:
-            raise ValueError(f"Adapter {adapter_name!r} already exists on this layer.")
-        self._inactive[self.active_adapter] = self._state()
-        self.active_adapter = adapter_name
-        dtype = kwargs.pop("adapter_dtype", self.spp_alpha.dtype)
-        self._install(adapter_dtype=dtype, **kwargs)
+    def adapter_shapes(self, config: Any, name: str = "") -> dict[str, tuple[int, ...]]:
+        """{param name: shape} an adapter with `config` has on this layer (checked; nothing allocated)."""
+        kind = self.check_config(config, name)
+        return {key: tuple(value.shape) for key, value in kind.init(self, config, torch.device("meta")).items()}
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make a named adapter the active one (its α/β become ``spp_alpha``/``spp_beta``)."""
-        if adapter_name == self.active_adapter:
+    def update_layer(self, adapter_name: str, config: Any) -> None:
+        """Create adapter `adapter_name` from `config` (replacing an existing one of that name), freshly
+        initialised and trainable; the active adapter does not change. Everything is checked first."""
+        check_adapter_name(adapter_name)
+        kind = self.check_config(config)
+        if self.merged_adapter == adapter_name:
+            raise RuntimeError(f"Adapter {adapter_name!r} is merged into the base weight; unmerge first.")
+        device = self.base_layer.weight.device
+        tensors = kind.init(self, config, torch.device("cpu") if device.type == "meta" else device)
+        self._drop(adapter_name)
+        settings = kind.settings(config)
+        for key, value in settings.items():
+            getattr(self, key)[adapter_name] = value
+        for key, value in tensors.items():
+            getattr(self, key)[adapter_name] = nn.Parameter(value, requires_grad=key in kind.trainable(settings))
+        self.adapter_kind[adapter_name] = kind
+
+    def _drop(self, adapter_name: str) -> None:
+        kind = self.adapter_kind.pop(adapter_name, None)
+        if kind is None:
             return
-        if adapter_name not in self._inactive:
-            known = [self.active_adapter, *self._inactive]
-            raise KeyError(f"No adapter {adapter_name!r} on this layer; known adapters: {known}")
-        if self.merged:
-            raise RuntimeError("Unmerge (model.unmerge_spp()) before switching adapters.")
-        self._inactive[self.active_adapter] = self._state()
-        state = self._inactive.pop(adapter_name)
-        self.spp_alpha, self.spp_beta = state.pop("alpha"), state.pop("beta")
-        self.r, self.scale, self.dropout_p = state["r"], state["scale"], state["dropout"]
-        self.impl, self.use_beta = state["impl"], state["use_beta"]
-        self.active_adapter = adapter_name
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name == self.active_adapter:
-            raise ValueError(f"Cannot delete the active adapter {adapter_name!r}; set_adapter another first.")
-        del self._inactive[adapter_name]
+        for key in kind.param_names:
+            del getattr(self, key)[adapter_name]
+        for key in kind.setting_names:
+            getattr(self, key).pop(adapter_name, None)
 
     @property
     def adapter_names(self) -> list[str]:
-        return [self.active_adapter, *self._inactive]
+        return list(self.adapter_kind)
+
+    def _name(self, adapter_name: str | None) -> str:
+        name = self.active_adapter if adapter_name is None else adapter_name
+        if name not in self.adapter_kind:
+            raise KeyError(f"No adapter {name!r} on this layer; known adapters: {self.adapter_names}")
+        return name
+
+    def adapter_parameters(self, adapter_name: str | None = None) -> dict[str, nn.Parameter]:
+        """{param name: parameter} of one adapter (the active one by default), e.g. {"spp_alpha": α, "spp_beta": β}.
+        The param name is the suffix of the key in adapter files (``<module>.spp_alpha``)."""
+        name = self._name(adapter_name)
+        return {key: getattr(self, key)[name] for key in self.adapter_kind[name].param_names}
+
+    def set_trainable(self, trainable: bool, adapter_name: str | None = None) -> None:
+        """Make one adapter (active by default) trainable or frozen; parameters its config keeps fixed
+        (β when use_beta is False) stay frozen."""
+        name = self._name(adapter_name)
+        keep = self.adapter_kind[name].trainable(self.adapter_settings(name))
+        for key, param in self.adapter_parameters(name).items():
+            param.requires_grad_(trainable and key in keep)
+
+    def adapter_settings(self, adapter_name: str | None = None) -> dict[str, Any]:
+        """{setting: value} of one adapter (the active one by default), e.g. {"r": 16, "scale": 2.0, ...}."""
+        name = self._name(adapter_name)
+        return {key: getattr(self, key)[name] for key in self.adapter_kind[name].setting_names}
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` active; it becomes trainable if the layer's active adapter was, others are frozen."""
+        name = self._name(adapter_name)
+        if name == self.active_adapter:
+            return
+        if self.merged:
+            raise RuntimeError(
+                f"Adapter {self.merged_adapter!r} is merged into the base weights; unmerge first "
+                "(model.unmerge_spp()), switch, then merge again."
+            )
+        trainable = any(p.requires_grad for p in self.adapter_parameters().values())
+        for other in self.adapter_names:
+            self.set_trainable(False, other)
+        self.set_trainable(trainable, name)
+        self.active_adapter = name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        name = self._name(adapter_name)
+        if name == self.active_adapter:
+            raise ValueError(f"Cannot delete the active adapter {name!r}; set_adapter another first.")
+        self._drop(name)
 
     # ----------------------------------------------------------------- math
     @property
@@ -346,69 +465,132 @@ class SPPLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
-    def resolved_impl(self) -> str:
+    def resolved_impl(self, adapter_name: str | None = None) -> str:
         """The implementation used for "auto": fused needs the fewest weight-sized GEMMs and keeps
         the least for backward (only X), so it is the fastest correct choice for every config."""
-        return "fused" if self.impl == "auto" else self.impl
+        impl = self.impl[self._name(adapter_name)]
+        return "fused" if impl == "auto" else impl
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base_layer(x, *args, **kwargs)
-        impl = self.resolved_impl()
-        weight = self.weight
-        dropout = self.dropout_p if self.training else 0.0
-        if impl == "fused" and not is_quantized(self.base_layer):
-            return _FusedSPP.apply(x, weight, self.bias, self.spp_alpha, self.spp_beta, self.scale, dropout)
-        # naive / blocked, and quantized bases: the base path stays 4/8-bit, the branch dequantizes W
-        base_out = self.base_layer(x, *args, **kwargs)
-        x_branch = F.dropout(x, dropout, training=True) if dropout > 0 else x
-        if impl == "blocked":
-            branch = spp_branch_blocked(x_branch, weight, self.spp_alpha, self.spp_beta)
-        else:
-            branch = spp_branch_naive(x_branch, weight, self.spp_alpha, self.spp_beta)
-        return base_out + self.scale * branch.to(base_out.dtype)
+        return self.adapter_kind[self.active_adapter].forward(self, self.active_adapter, x, *args, **kwargs)
 
     # ----------------------------------------------------------------- merge
+    @property
+    def merged(self) -> bool:
+        return self.merged_adapter is not None
+
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """W + s·W' in float32, checked: every zero of W stays zero and all values are finite."""
-        weight = self.weight.float()
-        merged = effective_weight(weight, self.spp_alpha.float(), self.spp_beta.float(), self.scale)
+    def merged_weight(self, adapter_name: str | None = None) -> torch.Tensor:
+        """W + s·ΔW of an adapter as a dense (out, in) tensor in the base dtype, checked after the cast:
+        all finite, every zero of W still zero (written +0.0), no non-zero of W turned into zero."""
+        name = self._name(adapter_name)
+        weight = self.weight
+        if is_quantized(self.base_layer):
+            raise TypeError(QUANTIZED_MERGE_MESSAGE)
+        dtype = compute_dtype(weight.dtype, *(p.dtype for p in self.adapter_parameters(name).values()))
+        merged = self.adapter_kind[name].merged_weight(self, name, weight.to(dtype)).to(weight.dtype)
+        zero = weight == 0
         if not torch.isfinite(merged).all():
             raise ValueError(
-                "Refusing to merge: α or β hold NaN/Inf (the merged weight is not finite). "
-                "The base weights were left untouched; check training for divergence."
+                f"Refusing to merge adapter {name!r}: the merged {weight.dtype} weight would not be finite (factors "
+                "hold NaN/Inf, or the product overflows this dtype). The base weights were left untouched; check "
+                "training for divergence, or merge onto a wider dtype (e.g. float32)."
             )
-        if (merged[weight == 0] != 0).any():
-            raise ValueError("Refusing to merge: the merge would fill zeros of the pruned base.")
-        return merged
+        if (merged[zero] != 0).any():
+            raise ValueError("Refusing to merge: the merge would fill zeros of the pruned base. Weights left untouched.")
+        if (merged[~zero] == 0).any():
+            raise ValueError(
+                f"Refusing to merge adapter {name!r}: {int((merged[~zero] == 0).sum())} non-zero weights would "
+                f"become zero in {weight.dtype} (1 + s·ΔW factor at or near 0, or underflow), which would change the "
+                "sparsity mask. The base weights were left untouched."
+            )
+        return merged.masked_fill_(zero, 0.0)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold s·W' into the base weight in place (computed in float32, cast back)."""
+    def merge(self, adapter_name: str | None = None) -> None:
+        """Fold an adapter (the active one) into the base weight in place; the original is kept for `unmerge`."""
+        name = self._name(adapter_name)
         if self.merged:
-            return
-        from .weights import set_dense_weight
-
-        set_dense_weight(self.base_layer, self.merged_weight())
-        self.merged = True
+            if self.merged_adapter == name:
+                return
+            raise RuntimeError(f"Adapter {self.merged_adapter!r} is already merged; unmerge first.")
+        merged = self.merged_weight(name)
+        self._unmerged_weight = self.base_layer.weight.detach().clone()
+        set_dense_weight(self.base_layer, merged)
+        self.merged_adapter = name
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the base weight: W = W_merged / (1 + s·Repeat₀(α)⊙β) (zeros stay exact)."""
+        """Restore the base weight bit for bit from the copy kept by `merge` (no division)."""
         if not self.merged:
             return
-        from .weights import set_dense_weight
-
-        factor = spp_factor(self.spp_alpha.float(), self.spp_beta.float()).mul_(self.scale).add_(1.0)
-        set_dense_weight(self.base_layer, self.weight.float() / factor)
-        self.merged = False
+        self.base_layer.weight.data.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged_adapter = None
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"scale={self.scale}, dropout={self.dropout_p}, impl={self.resolved_impl()}"
+        name = self.active_adapter
+        settings = ", ".join(f"{k}={v}" for k, v in self.adapter_settings(name).items())
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapter={name!r}, {settings}"
+
+
+# --------------------------------------------------------------------------- the SPP kind
+def _spp_settings(config: Any) -> dict[str, Any]:
+    return dict(r=config.r, scale=config.scale, dropout=config.dropout, impl=config.impl, use_beta=config.use_beta)
+
+
+def _spp_init(layer: SPPLinear, config: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    """α kaiming-uniform and β zero (the paper), or α zero and β kaiming/ones (zero_init="alpha")."""
+    dtype = getattr(torch, config.adapter_dtype)
+    alpha = torch.empty(config.r, layer.in_features, dtype=dtype, device=device)
+    beta = torch.empty(layer.out_features, 1, dtype=dtype, device=device)
+    if config.zero_init == "beta":
+        nn.init.kaiming_uniform_(alpha, a=math.sqrt(5))
+        nn.init.zeros_(beta)
+    else:
+        nn.init.zeros_(alpha)
+        if config.use_beta:
+            nn.init.kaiming_uniform_(beta, a=math.sqrt(5))
+        else:
+            nn.init.ones_(beta)
+    return {"spp_alpha": alpha, "spp_beta": beta}
+
+
+def _spp_forward(layer: SPPLinear, name: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    alpha, beta, scale = layer.spp_alpha[name], layer.spp_beta[name], layer.scale[name]
+    impl = layer.resolved_impl(name)
+    weight = layer.weight
+    dropout = layer.dropout[name] if layer.training else 0.0
+    if impl == "fused" and not is_quantized(layer.base_layer):
+        return _FusedSPP.apply(x, weight, layer.bias, alpha, beta, scale, dropout)
+    # naive / blocked, and quantized bases: the base path stays 4/8-bit, the branch dequantizes W
+    base_out = layer.base_layer(x, *args, **kwargs)
+    x_branch = F.dropout(x, dropout, training=True) if dropout > 0 else x
+    branch = (spp_branch_blocked if impl == "blocked" else spp_branch_naive)(x_branch, weight, alpha, beta)
+    return base_out + scale * branch.to(base_out.dtype)
+
+
+def _spp_merged_weight(layer: SPPLinear, name: str, weight: torch.Tensor) -> torch.Tensor:
+    return effective_weight(weight, layer.spp_alpha[name], layer.spp_beta[name], layer.scale[name])
+
+
+def _register_spp_kind() -> None:
+    from .config import SPPConfig
+
+    register_adapter_kind(
+        AdapterKind(
+            config_class=SPPConfig,
+            param_names=("spp_alpha", "spp_beta"),
+            setting_names=("r", "scale", "dropout", "impl", "use_beta"),
+            settings=_spp_settings,
+            init=_spp_init,
+            trainable=lambda s: ("spp_alpha", "spp_beta") if s["use_beta"] else ("spp_alpha",),
+            forward=_spp_forward,
+            merged_weight=_spp_merged_weight,
         )
+    )
 
 
 def _register_sharded_weight(layer: SPPLinear) -> None:
@@ -436,3 +618,6 @@ def valid_r_message(name: str, out_features: int, r: int) -> str:
         f"out_features / r output rows). Valid r values up to 256: {valid}."
     )
 
+
+
+_register_spp_kind()

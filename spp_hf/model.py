@@ -1,33 +1,23 @@
-"""Injecting SPP into a `PreTrainedModel`: `get_spp_model`, the `SPPModelMixin`, and `SPPModel.from_pretrained`."""
+"""Injecting SPP into a `PreTrainedModel`: target selection, `get_spp_model`, and the `SPPModelMixin`
+(named adapters, merge). Adapter files and `SPPModel.from_pretrained` live in `spp_hf.loading`."""
 
 from __future__ import annotations
 
-import logging
+import copy
 import os
 import re
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from .config import CONFIG_NAME, WEIGHTS_NAME, SPPConfig
-from .files import atomic_save_safetensors, atomic_write_text
-from .layer import SPPLinear, valid_r_message
-from .sparsity import compare_fingerprints, fingerprint_modules
-from .weights import dense_weight, in_out_features, is_linear_like
-
-logger = logging.getLogger(__name__)
+from .config import SPPConfig
+from .layer import SPPLinear, adapter_kind, check_adapter_name, valid_r_message
+from .weights import in_out_features, is_linear_like
 
 _MIXED_CLASSES: dict[type, type] = {}
-
-
-class SPPMismatchError(ValueError):
-    """The adapter was trained on a base with a different zero pattern."""
 
 
 # --------------------------------------------------------------------------- target selection
@@ -49,16 +39,23 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
     return names
 
 
-def _validate_targets(model: nn.Module, names: list[str], config: SPPConfig) -> None:
-    """Check every target before anything is changed, so a bad config leaves the model untouched."""
+def validate_targets(model: nn.Module, names: list[str], config: Any) -> None:
+    """Check every target before anything is changed, so a bad config leaves the model untouched:
+    each exists, is linear-like, has an out_features that r divides, and owns its weight (not tied)."""
     if not names:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear_like(m)})
         raise ValueError(
             f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}. "
             f"Linear layers in this model are named: {linear}. Pass some of these, or 'all-linear'."
         )
+    owners: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(pname)
     for name in names:
-        module = model.get_submodule(name)
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"The adapter targets module {name!r}, which {type(model).__name__} does not have.") from None
         if not is_linear_like(module):
             raise TypeError(
                 f"Module {name!r} is a {type(module).__name__}; SPP wraps only nn.Linear, transformers "
@@ -67,6 +64,12 @@ def _validate_targets(model: nn.Module, names: list[str], config: SPPConfig) -> 
         _, out_features = in_out_features(module)
         if out_features % config.r:
             raise ValueError(valid_r_message(name, out_features, config.r))
+        shared = [p for p in owners.get(id(module.weight), []) if p != f"{name}.weight"]
+        if shared:
+            raise ValueError(
+                f"Module {name!r} shares its weight with {shared[0]!r} (tied embeddings): merging an adapter into "
+                f"it would change {shared[0]!r} too. Remove {name!r} from target_modules."
+            )
 
 
 def _mixed_class(cls: type) -> type:
@@ -82,16 +85,30 @@ def get_spp_model(model: nn.Module, config: SPPConfig, adapter_name: str = "defa
 
     Returns the same object; its class now also derives from `SPPModelMixin`, so
     `save_pretrained` / `push_to_hub` write the adapter only and `merge_and_unload` gives back
-    the original transformers class with merged, still-sparse weights.
+    the original transformers class with merged, still-sparse weights. `config` is copied, never
+    changed; the copy records the base's mask fingerprint, name and the commit it was loaded from
+    (``config._commit_hash``, None for a local folder: no network access here).
     """
     if isinstance(model, SPPModelMixin):
-        model.add_adapter(adapter_name, config)
+        model.add_adapter(config, adapter_name=adapter_name)
         return model
-    names = find_target_modules(model, config.target_modules)
-    _validate_targets(model, names, config)
+    adapter_kind(config)
+    return inject_adapter(model, config, adapter_name, find_target_modules(model, config.target_modules))
+
+
+def inject_adapter(model: nn.Module, config: Any, adapter_name: str, names: list[str]) -> nn.Module:
+    """`get_spp_model` on explicit module names (loading uses the names an adapter file lists, so a
+    saved regex is never evaluated). Everything is validated before the model changes."""
+    check_adapter_name(adapter_name)
+    adapter_kind(config)
+    validate_targets(model, names, config)
+    config = copy.deepcopy(config)
     for param in model.parameters():
         param.requires_grad_(False)
-    _wrap(model, names, config, adapter_name)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, SPPLinear(getattr(parent, child), adapter_name, config))
     model.__class__ = _mixed_class(type(model))
     model.spp_config = {adapter_name: config}
     model.active_spp_adapter = adapter_name
@@ -103,37 +120,27 @@ def get_spp_model(model: nn.Module, config: SPPConfig, adapter_name: str = "defa
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
     if config.base_model_revision is None:
-        from .hub import base_commit
-
-        config.base_model_revision = getattr(model.config, "_commit_hash", None) or base_commit(config.base_model_name_or_path)
+        config.base_model_revision = getattr(model.config, "_commit_hash", None) or None
     return model
 
 
-def _wrap(model: nn.Module, names: list[str], config: SPPConfig, adapter_name: str) -> None:
-    dtype = getattr(torch, config.adapter_dtype)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = SPPLinear(
-            getattr(parent, child), r=config.r, scale=config.scale, dropout=config.dropout, impl=config.impl,
-            use_beta=config.use_beta, zero_init=config.zero_init, adapter_dtype=dtype, adapter_name=adapter_name,
-        )  # fmt: skip
-        setattr(parent, child, layer)
-
-
-def _layer_kwargs(config: SPPConfig) -> dict[str, Any]:
-    return dict(
-        r=config.r, scale=config.scale, dropout=config.dropout, impl=config.impl, use_beta=config.use_beta,
-        zero_init=config.zero_init, adapter_dtype=getattr(torch, config.adapter_dtype),
-    )  # fmt: skip
+def refuse_if_merged(model: nn.Module, action: str) -> None:
+    """Raise if any SPP layer of `model` is merged: `action` would not be correct on merged weights."""
+    merged = sorted({layer.merged_adapter for _, layer in model.spp_layers() if layer.merged})
+    if merged:
+        raise RuntimeError(
+            f"Cannot {action} while adapter {merged[0]!r} is merged into the base weights: unmerge first "
+            "(model.unmerge_spp()), then merge again afterwards if you want (model.merge_spp())."
+        )
 
 
 # --------------------------------------------------------------------------- the mixin
 class SPPModelMixin:
     """Mixed into a transformers model's class by `get_spp_model`.
 
-    Holds `spp_config` (adapter name → SPPConfig) and `active_spp_adapter`. Save/push write only
-    α/β; `merge_and_unload` restores the original class.
+    Holds `spp_config` (adapter name → its config, owned by the model) and `active_spp_adapter`.
+    Every method that changes adapters or weights validates everything first and then changes all
+    or nothing. Save/push write only the adapter; `merge_and_unload` restores the original class.
     """
 
     spp_config: dict[str, SPPConfig]
@@ -158,49 +165,76 @@ class SPPModelMixin:
     def active_spp_config(self) -> SPPConfig:
         return self.spp_config[self.active_spp_adapter]
 
-    # -- adapters
-    def add_adapter(self, adapter_name: str, config: SPPConfig) -> None:  # type: ignore[override]
-        """Attach another named adapter (on the same target layers) and make it active."""
+    # -- adapters (transformers' signatures; SPP configs only)
+    def add_adapter(self, adapter_config: SPPConfig, adapter_name: str | None = None) -> None:  # type: ignore[override]
+        """Attach another named adapter (on the same target layers), freshly initialised, and make it active."""
+        adapter_name = "default" if adapter_name is None else adapter_name
+        check_adapter_name(adapter_name)
+        adapter_kind(adapter_config)
         if adapter_name in self.spp_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; known: {list(self.spp_config)}")
+        refuse_if_merged(self, "add an adapter")
         names = [n for n, _ in self.spp_layers()]
-        wanted = find_target_modules(self, config.target_modules)
+        wanted = find_target_modules(self, adapter_config.target_modules)
         if sorted(wanted) != sorted(names):
             raise ValueError(
                 "A further adapter must target the same layers as the first one "
-                f"({len(names)} layers); {config.target_modules!r} selects {len(wanted)}."
+                f"({len(names)} layers); {adapter_config.target_modules!r} selects {len(wanted)}."
             )
-        for name in names:
-            out_features = self.get_submodule(name).out_features
-            if out_features % config.r:
-                raise ValueError(valid_r_message(name, out_features, config.r))
-        for _, layer in self.spp_layers():
-            layer.add_adapter(adapter_name, **_layer_kwargs(config))
-        config.mask_fingerprint = config.mask_fingerprint or self.spp_fingerprint()
-        config.base_model_name_or_path = config.base_model_name_or_path or self.active_spp_config.base_model_name_or_path
-        config.base_model_revision = config.base_model_revision or self.active_spp_config.base_model_revision
-        self.spp_config[adapter_name] = config
-        self.active_spp_adapter = adapter_name
+        for name, layer in self.spp_layers():
+            layer.check_config(adapter_config, name)
+        config = copy.deepcopy(adapter_config)
+        active = self.active_spp_config
+        config.mask_fingerprint = config.mask_fingerprint or active.mask_fingerprint
+        config.base_model_name_or_path = config.base_model_name_or_path or active.base_model_name_or_path
+        config.base_model_revision = config.base_model_revision or active.base_model_revision
+        self._install_adapter(adapter_name, config)
 
-    def set_adapter(self, adapter_name: str) -> None:  # type: ignore[override]
-        """Make a named adapter active on every SPP layer."""
-        if adapter_name not in self.spp_config:
-            raise KeyError(f"No adapter {adapter_name!r}; known adapters: {list(self.spp_config)}")
+    def _install_adapter(self, adapter_name: str, config: SPPConfig, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Create (or replace) an adapter on every layer and make it active. Callers validated everything."""
+        with torch.no_grad():
+            for name, layer in self.spp_layers():
+                layer.update_layer(adapter_name, config)
+                if state is not None:
+                    for key, param in layer.adapter_parameters(adapter_name).items():
+                        param.copy_(state[f"{name}.{key}"])
+        self.spp_config[adapter_name] = config
+        self._activate(adapter_name)
+
+    def _activate(self, adapter_name: str) -> None:
         for _, layer in self.spp_layers():
             layer.set_adapter(adapter_name)
         self.active_spp_adapter = adapter_name
 
-    def delete_adapter(self, adapter_name: str) -> None:  # type: ignore[override]
-        for _, layer in self.spp_layers():
-            layer.delete_adapter(adapter_name)
-        del self.spp_config[adapter_name]
+    def set_adapter(self, adapter_name: str) -> None:  # type: ignore[override]
+        """Make a named adapter active on every SPP layer (refused while another one is merged)."""
+        if not isinstance(adapter_name, str):
+            raise TypeError(f"SPP models have one active adapter; pass its name as a string, not {adapter_name!r}.")
+        if adapter_name not in self.spp_config:
+            raise KeyError(f"No adapter {adapter_name!r}; known adapters: {list(self.spp_config)}")
+        if adapter_name != self.active_spp_adapter:
+            refuse_if_merged(self, f"switch to adapter {adapter_name!r}")
+        self._activate(adapter_name)
+
+    def delete_adapter(self, adapter_names: list[str] | str) -> None:  # type: ignore[override]
+        """Delete one or more inactive adapters (all names checked first)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            if name not in self.spp_config:
+                raise KeyError(f"No adapter {name!r}; known adapters: {list(self.spp_config)}")
+            if name == self.active_spp_adapter:
+                raise ValueError(f"Cannot delete the active adapter {name!r}; set_adapter another first.")
+        for name in names:
+            for _, layer in self.spp_layers():
+                layer.delete_adapter(name)
+            del self.spp_config[name]
 
     @contextmanager
     def disable_spp(self) -> Iterator[None]:
-        """Run the base model alone (unmerging temporarily if merged)."""
+        """Run the base model alone; a merged model is unmerged (exactly) and merged again on exit."""
         layers = [layer for _, layer in self.spp_layers()]
-        remerge = [layer for layer in layers if layer.merged]
-        for layer in remerge:
+        remerge = [(layer, layer.merged_adapter) for layer in layers if layer.merged]
+        for layer, _ in remerge:
             layer.unmerge()
         for layer in layers:
             layer.disabled = True
@@ -209,22 +243,28 @@ class SPPModelMixin:
         finally:
             for layer in layers:
                 layer.disabled = False
-            for layer in remerge:
-                layer.merge()
+            for layer, name in remerge:
+                layer.merge(name)
 
     # -- merge
     def merge_spp(self) -> None:
-        """Fold the active adapter into the base weights in place; all layers checked before any write."""
-        layers = [layer for _, layer in self.spp_layers() if not layer.merged]
-        merged = [(layer, layer.merged_weight()) for layer in layers]  # raises before any weight changes
-        from .weights import set_dense_weight
+        """Fold the active adapter into the base weights in place: every layer merges or none does.
 
-        for layer, weight in merged:
-            set_dense_weight(layer.base_layer, weight)
-            layer.merged = True
+        Each merged layer keeps its original weight (one copy), so `unmerge_spp` is bit-exact.
+        """
+        done = []
+        try:
+            for _, layer in self.spp_layers():
+                if not layer.merged:
+                    layer.merge()
+                    done.append(layer)
+        except BaseException:
+            for layer in reversed(done):
+                layer.unmerge()
+            raise
 
     def unmerge_spp(self) -> None:
-        """Restore the base weights after `merge_spp` (to float tolerance; zeros exact)."""
+        """Restore the base weights after `merge_spp`, bit for bit."""
         for _, layer in self.spp_layers():
             layer.unmerge()
 
@@ -246,33 +286,28 @@ class SPPModelMixin:
 
     # -- state
     def spp_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """α/β of one adapter, keyed `<module>.spp_alpha` / `<module>.spp_beta`."""
+        """One adapter's tensors keyed as in adapter files: `<module>.spp_alpha` / `<module>.spp_beta`."""
         adapter_name = adapter_name or self.active_spp_adapter
-        state = {}
-        for name, layer in self.spp_layers():
-            if adapter_name == layer.active_adapter:
-                alpha, beta = layer.spp_alpha, layer.spp_beta
-            else:
-                alpha, beta = layer._inactive[adapter_name]["alpha"], layer._inactive[adapter_name]["beta"]
-            state[f"{name}.spp_alpha"], state[f"{name}.spp_beta"] = alpha, beta
-        return state
+        if adapter_name not in self.spp_config:
+            raise KeyError(f"No adapter {adapter_name!r}; known adapters: {list(self.spp_config)}")
+        return {
+            f"{name}.{key}": param
+            for name, layer in self.spp_layers()
+            for key, param in layer.adapter_parameters(adapter_name).items()
+        }
 
     def load_spp_state_dict(self, state: dict[str, torch.Tensor], adapter_name: str | None = None) -> None:
-        """Copy α/β into an adapter, checking names and shapes first (nothing changes on error)."""
+        """Copy tensors into an adapter, checking names, shapes, dtypes and finiteness first (nothing changes on error)."""
+        from .loading import check_adapter_tensors
+
+        adapter_name = adapter_name or self.active_spp_adapter
         own = self.spp_state_dict(adapter_name)
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(
-                f"Adapter weights do not fit this model: missing {missing[:3]}{'…' if len(missing) > 3 else ''}, "
-                f"unexpected {unexpected[:3]}{'…' if len(unexpected) > 3 else ''}. Was it trained on another "
-                "architecture or with other target_modules?"
-            )
-        for key, value in state.items():
-            if tuple(value.shape) != tuple(own[key].shape):
-                raise ValueError(f"Adapter tensor {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}.")
+        check_adapter_tensors({k: tuple(v.shape) for k, v in own.items()}, state, "the given state dict")
+        if any(layer.merged_adapter == adapter_name for _, layer in self.spp_layers()):
+            refuse_if_merged(self, f"load weights into adapter {adapter_name!r}")
         with torch.no_grad():
-            for key, value in state.items():
-                own[key].copy_(value)
+            for key, param in own.items():
+                param.copy_(state[key])
 
     def save_pretrained(  # type: ignore[override]
         self,
@@ -284,44 +319,39 @@ class SPPModelMixin:
     ) -> None:
         """Save only the adapter(s): `spp_config.json`, `spp_adapter.safetensors`, `README.md`.
 
-        The active adapter (or "default") goes in `save_directory`, others in sub-folders named
-        after them, as PEFT does. Keyword arguments the Trainer passes (state_dict, …) are ignored.
+        One adapter goes in `save_directory` itself: "default" if it is saved, else the active
+        adapter if saved, else the first; every other one in a sub-folder named after it (as PEFT
+        saves non-default adapters). Keyword arguments the Trainer passes (state_dict, …) are ignored.
         """
+        from .loading import save_adapters
+
         if not is_main_process:
             return
-        save_directory = Path(save_directory)
-        if save_directory.is_file():
-            raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory.")
-        for name in selected_adapters or list(self.spp_config):
-            target = save_directory if name == "default" or len(self.spp_config) == 1 else save_directory / name
-            self._save_adapter(target, name)
+        save_adapters(self, save_directory, selected_adapters)
         if push_to_hub:
             from .hub import push_adapter
 
-            push_adapter(self, kwargs.get("repo_id") or save_directory.name, folder=save_directory)
+            push_adapter(self, kwargs.get("repo_id") or Path(save_directory).name, folder=save_directory)
 
-    def _save_adapter(self, directory: Path, adapter_name: str) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        config = self.spp_config[adapter_name]
-        tensors = {k: v.detach().float() if v.dtype == torch.float64 else v for k, v in self.spp_state_dict(adapter_name).items()}
-        atomic_save_safetensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt", "spp_adapter": adapter_name})
-        config.save_pretrained(directory)
-        from .cards import render_adapter_card
+    def load_adapter(  # type: ignore[override]
+        self,
+        peft_model_id: str | os.PathLike,
+        adapter_name: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        is_trainable: bool = False,
+        strict: bool = True,
+        **hub_kwargs: Any,
+    ) -> None:
+        """Load a saved SPP adapter (folder or Hub repo) under `adapter_name` ("default" if None) and make it
+        active; an existing adapter of that name is replaced. All checks (name, merged state, targets,
+        shapes, dtypes, finiteness, mask fingerprint) run before the model changes."""
+        from .loading import load_adapter
 
-        atomic_write_text(directory / "README.md", render_adapter_card(config, self))
-
-    def load_adapter(self, path_or_repo: str | os.PathLike, adapter_name: str = "default", strict: bool = True, **hub_kwargs: Any) -> None:  # type: ignore[override]
-        """Load a saved SPP adapter into this model under `adapter_name` (added if new)."""
-        directory = resolve_adapter(path_or_repo, **hub_kwargs)
-        config = SPPConfig.from_json_file(directory / CONFIG_NAME)
-        state = _read_weights(directory)
-        if adapter_name not in self.spp_config:
-            self.add_adapter(adapter_name, config)
-        else:
-            self.spp_config[adapter_name] = config
-        check_fingerprint(config, self.spp_fingerprint(), strict=strict)
-        self.load_spp_state_dict(state, adapter_name)
-        self.set_adapter(adapter_name)
+        load_adapter(
+            self, peft_model_id, adapter_name="default" if adapter_name is None else adapter_name,
+            revision=revision, token=token, is_trainable=is_trainable, strict=strict, **hub_kwargs,
+        )  # fmt: skip
 
     def push_to_hub(  # type: ignore[override]
         self,
@@ -345,110 +375,3 @@ class SPPModelMixin:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
-
-
-# --------------------------------------------------------------------------- loading
-def resolve_adapter(path_or_repo: str | os.PathLike, **hub_kwargs: Any) -> Path:
-    """A local adapter directory, or the local snapshot of an adapter repo on the Hub."""
-    path = Path(path_or_repo)
-    if path.is_dir():
-        return path
-    from .hub import download_adapter
-
-    return download_adapter(str(path_or_repo), **hub_kwargs)
-
-
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    path = directory / WEIGHTS_NAME
-    if not path.exists():
-        raise FileNotFoundError(
-            f"No {WEIGHTS_NAME} in {directory}: the adapter is incomplete. Save it again with "
-            "model.save_pretrained(...) or re-download it."
-        )
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is corrupt or not a safetensors file ({err}). Save or download the adapter again.") from None
-
-
-def check_fingerprint(config: SPPConfig, found: dict, strict: bool = True) -> None:
-    """Compare the adapter's recorded base fingerprint with the base it is loaded onto."""
-    expected = config.mask_fingerprint
-    if not expected:
-        return
-    difference = compare_fingerprints(expected, found)
-    if difference is None:
-        return
-    message = (
-        f"This SPP adapter was trained on base {config.base_model_name_or_path!r} "
-        f"(revision {config.base_model_revision}, mask hash {expected['hash'][:12]}), but the base it is being "
-        f"loaded onto has mask hash {found['hash'][:12]}: {difference}. Load the pruned base the adapter was "
-        "trained on (base_model=..., revision=...), or pass strict=False to load anyway."
-    )
-    if strict:
-        raise SPPMismatchError(message)
-    warnings.warn(message, stacklevel=3)
-
-
-def load_base_model(name_or_path: str, revision: str | None = None, **kwargs: Any) -> nn.Module:
-    """Load a causal-LM base with transformers (a local folder or a Hub repo id)."""
-    from transformers import AutoModelForCausalLM
-
-    from .hub import base_model_errors
-
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    with base_model_errors(str(name_or_path), revision, kwargs.get("token")):
-        return AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, **kwargs)
-
-
-class SPPModel:
-    """Entry point for loading saved SPP adapters, like PEFT's `AutoPeftModelForCausalLM`."""
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        adapter_name_or_path: str | os.PathLike,
-        base_model: str | nn.Module | None = None,
-        merge: bool = True,
-        revision: str | None = None,
-        torch_dtype: torch.dtype | str | None = None,
-        device_map: Any = None,
-        is_trainable: bool = False,
-        strict: bool = True,
-        adapter_name: str = "default",
-        token: str | bool | None = None,
-        base_revision: str | None = None,
-        **base_kwargs: Any,
-    ) -> nn.Module:
-        """Load an adapter (local dir or Hub repo), attach it to its pruned base and merge.
-
-        `base_model=None` takes `base_model_name_or_path` / `base_model_revision` from
-        `spp_config.json`. With `merge=True` (default) a plain transformers model with the base's
-        exact zeros is returned; otherwise the SPP model (trainable when `is_trainable`).
-        """
-        directory = resolve_adapter(adapter_name_or_path, revision=revision, token=token)
-        config = SPPConfig.from_json_file(directory / CONFIG_NAME)
-        state = _read_weights(directory)
-        if base_model is None or isinstance(base_model, (str, os.PathLike)):
-            name = str(base_model) if base_model is not None else config.base_model_name_or_path
-            if not name:
-                raise ValueError(
-                    f"{directory / CONFIG_NAME} names no base model; pass base_model=<pruned base path or repo id>."
-                )
-            rev = base_revision or (config.base_model_revision if base_model is None else None)
-            model = load_base_model(name, revision=rev, torch_dtype=torch_dtype, device_map=device_map, token=token, **base_kwargs)
-        else:
-            model = base_model
-        found_names = find_target_modules(model, config.target_modules)
-        _validate_targets(model, found_names, config)
-        check_fingerprint(config, fingerprint_modules((n, dense_weight(model.get_submodule(n))) for n in found_names), strict)
-        model = get_spp_model(model, config, adapter_name=adapter_name)
-        model.load_spp_state_dict(state, adapter_name)
-        if merge:
-            return model.merge_and_unload()
-        for _, layer in model.spp_layers():
-            layer.spp_alpha.requires_grad_(is_trainable)
-            layer.spp_beta.requires_grad_(is_trainable and layer.use_beta)
-        if not is_trainable:
-            model.eval()
-        return model

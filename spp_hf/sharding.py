@@ -73,35 +73,28 @@ def spp_mask_fingerprint(model: nn.Module) -> dict:
 
 
 def gather_spp_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The active adapter's α/β, in full, on CPU, keyed ``<module>.spp_alpha`` / ``<module>.spp_beta``.
+    """The active adapter's tensors, in full, on CPU, keyed as in adapter files (``<module>.spp_alpha`` / ``<module>.spp_beta``).
 
     Collective under FSDP2 / ZeRO-3: call it on every rank.
     """
     state = {}
     for name, layer in _spp_layers(model):
-        with _zero3_gathered([layer.spp_alpha, layer.spp_beta]):
-            state[f"{name}.spp_alpha"] = _full(layer.spp_alpha).detach().cpu().clone()
-            state[f"{name}.spp_beta"] = _full(layer.spp_beta).detach().cpu().clone()
+        params = layer.adapter_parameters()
+        with _zero3_gathered(list(params.values())):
+            for key, param in params.items():
+                state[f"{name}.{key}"] = _full(param).detach().cpu().clone()
     return state
 
 
 def load_spp_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy α/β into the active adapter, sharded or not; names and shapes are checked before any write."""
+    """Copy tensors into the active adapter, sharded or not; names, shapes and values are checked before any write."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    own = {}
-    for name, layer in _spp_layers(model):
-        own[f"{name}.spp_alpha"], own[f"{name}.spp_beta"] = layer.spp_alpha, layer.spp_beta
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(
-            f"The SPP checkpoint does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}. "
-            "Resume with the same base and the same spp_config (target_modules, r) as the run that saved it."
-        )
-    for key, param in own.items():
-        shape = tuple(param.ds_shape) if _is_zero3(param) else tuple(param.shape)
-        if tuple(state[key].shape) != shape:
-            raise ValueError(f"SPP checkpoint tensor {key} has shape {tuple(state[key].shape)}, this model {shape}.")
+    from .loading import check_adapter_tensors
+
+    own = {f"{name}.{key}": param for name, layer in _spp_layers(model) for key, param in layer.adapter_parameters().items()}
+    shapes = {key: tuple(param.ds_shape) if _is_zero3(param) else tuple(param.shape) for key, param in own.items()}
+    check_adapter_tensors(shapes, state, "the SPP checkpoint (resume with the same base and spp_config: target_modules, r)")
     with torch.no_grad():
         for key, param in own.items():
             value = state[key].to(param.dtype)
@@ -110,5 +103,3 @@ def load_spp_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             else:
                 with _zero3_gathered([param], modifier_rank=0):
                     param.copy_(value.to(param.device))
-
-

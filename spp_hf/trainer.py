@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -38,7 +37,8 @@ from trl import SFTConfig, SFTTrainer
 from .config import CONFIG_NAME, WEIGHTS_NAME, SPPConfig
 from .distill import DistillationMixin
 from .files import atomic_save_safetensors, atomic_write_text
-from .model import SPPMismatchError, SPPModelMixin, check_fingerprint, find_target_modules, get_spp_model
+from .loading import SPPMismatchError, check_fingerprint, read_adapter_weights, save_adapter
+from .model import SPPModelMixin, find_target_modules, get_spp_model
 from .sharding import (
     _full,
     _is_zero3,
@@ -53,7 +53,6 @@ from .weights import dense_weight
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
-SPP_PARAM_SUFFIXES = (".spp_alpha", ".spp_beta")
 
 
 class SparsityGuardError(RuntimeError):
@@ -160,7 +159,7 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
             _record_full_precision_fingerprint(model)
         self.dataset_name = dataset_name
         self._spp_adapter_dtype = {
-            id(p): p.dtype for _, layer in _spp_layers(model) for p in (layer.spp_alpha, layer.spp_beta)
+            id(p): p.dtype for _, layer in _spp_layers(model) for p in layer.adapter_parameters().values()
         }
         if getattr(model, "is_quantized", False):
             # transformers' validate_quantization_for_training refuses a quantized model unless it is a
@@ -207,8 +206,7 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
                     "pruned base together with spp_config."
                 )
             for _, layer in model.spp_layers():
-                layer.spp_alpha.requires_grad_(True)
-                layer.spp_beta.requires_grad_(layer.use_beta)
+                layer.set_trainable(True)
             return model
         spp_config = spp_config if spp_config is not None else SPPConfig()
         given = spp_config.mask_fingerprint is not None
@@ -220,20 +218,21 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
         model = get_spp_model(model, spp_config)
         if _is_sharded(model) and not given:
             # Loaded partitioned (ZeRO-3 zero.Init): fingerprint the gathered weights, not the empty partitions.
-            spp_config.mask_fingerprint = spp_mask_fingerprint(model)
+            model.active_spp_config.mask_fingerprint = spp_mask_fingerprint(model)
         return model
 
     def _restore_adapter_dtype(self) -> None:
         """TRL casts trainable parameters of quantized models to bf16 (the QLoRA recipe); SPP keeps
         `SPPConfig.adapter_dtype` (float32 by default), so put α/β back before the optimizer exists."""
         for _, layer in _spp_layers(self.model):
-            for param in (layer.spp_alpha, layer.spp_beta):
+            for param in layer.adapter_parameters().values():
                 dtype = self._spp_adapter_dtype.get(id(param))
                 if dtype is not None and param.dtype != dtype:
                     param.data = param.data.to(dtype)
 
     def _check_trainable(self) -> None:
-        others = [n for n, p in self.model.named_parameters() if p.requires_grad and not n.endswith(SPP_PARAM_SUFFIXES)]
+        adapters = {id(p) for _, layer in _spp_layers(self.model) for p in layer.adapter_parameters().values()}
+        others = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in adapters]
         if others:
             raise ValueError(
                 f"SPP trains only spp_alpha/spp_beta, but {len(others)} base parameters are trainable "
@@ -294,8 +293,8 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
                 metadata={"format": "pt", "spp_adapter": model.active_spp_adapter},
             )
             config.save_pretrained(output_dir)
-        else:
-            model.save_pretrained(output_dir, selected_adapters=[model.active_spp_adapter])
+        else:  # the active adapter at the root, whatever its name: resuming reads it there
+            save_adapter(model, output_dir, model.active_spp_adapter)
         atomic_write_text(output_dir / "README.md", self._card())
 
     def _card(self, **extra: Any) -> str:
@@ -353,7 +352,7 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
     # ------------------------------------------------------------------ loading
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Load α/β from ``spp_adapter.safetensors`` in a checkpoint (the base is not in it)."""
-        directory = Path(resume_from_checkpoint)
+        directory = _checkpoint_adapter_dir(Path(resume_from_checkpoint), self.spp_model.active_spp_adapter)
         state = _read_checkpoint_state(directory)
         config = SPPConfig.from_json_file(directory / CONFIG_NAME)
         target = self.spp_model if model is None else self.accelerator.unwrap_model(model)
@@ -506,8 +505,6 @@ def _checkpoint_weights(name_or_path: str | None, revision: str | None, model: n
     else:
         single = cached_file(name_or_path, "model.safetensors", revision=revision)
         files = None
-    from .weights import in_out_features
-
     for name in names:
         key = f"{name}.weight"
         path = files[key] if files is not None else single
@@ -515,10 +512,25 @@ def _checkpoint_weights(name_or_path: str | None, revision: str | None, model: n
             if key not in handle.keys():
                 raise KeyError(f"{key} not in {path}")
             tensor = handle.get_tensor(key)
-        in_f, out_f = in_out_features(model.get_submodule(name).base_layer)
-        if tuple(tensor.shape) == (in_f, out_f) and in_f != out_f:  # GPT-2 Conv1D layout
+        if _stored_transposed(model.get_submodule(name).base_layer):
             tensor = tensor.t()
         yield name, tensor
+
+
+def _stored_transposed(module: nn.Module) -> bool:
+    """True when a checkpoint stores this layer's weight as (in, out): a GPT-2 Conv1D, also after
+    bitsandbytes replaced it (transformers records the replaced class as ``source_cls``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return issubclass(getattr(module, "source_cls", type(module)), Conv1D)
+
+
+def _checkpoint_adapter_dir(directory: Path, adapter_name: str) -> Path:
+    """Where a checkpoint holds the adapter: its root (or, as older runs wrote a named adapter, `<name>/`)."""
+    nested = directory / adapter_name
+    if not (directory / WEIGHTS_NAME).is_file() and (nested / WEIGHTS_NAME).is_file():
+        return nested
+    return directory
 
 
 def _read_checkpoint_state(directory: Path) -> dict[str, torch.Tensor]:
@@ -529,7 +541,12 @@ def _read_checkpoint_state(directory: Path) -> dict[str, torch.Tensor]:
             f"Can't resume from {directory}: it has no {WEIGHTS_NAME} (found {found[:6]}). Point "
             f"resume_from_checkpoint to a {PREFIX_CHECKPOINT_DIR}-N folder written by SPPSFTTrainer."
         )
-    return load_file(str(path))
+    try:
+        return read_adapter_weights(directory)
+    except ValueError as err:
+        raise ValueError(
+            f"Can't resume from {directory}: {err} Resume from an earlier {PREFIX_CHECKPOINT_DIR}-N folder instead."
+        ) from None
 
 
 __all__ = [

@@ -56,12 +56,15 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
+QUANTIZED_MERGE_MESSAGE = (
+    "Cannot merge SPP into a 4-bit/8-bit quantized base. Load the full-precision pruned base and "
+    "merge there: SPPModel.from_pretrained(adapter, base_model=<full-precision base>)."
+)
+
+
 def set_dense_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Write a dense (out, in) weight back into a Linear or Conv1D layer in place."""
     if is_quantized(module):
-        raise TypeError(
-            "Cannot merge SPP into a 4-bit/8-bit quantized base. Load the full-precision pruned base and "
-            "merge there: SPPModel.from_pretrained(adapter, base_model=<full-precision base>)."
-        )
+        raise TypeError(QUANTIZED_MERGE_MESSAGE)
     target = module.weight.data.t() if (Conv1D and isinstance(module, Conv1D)) else module.weight.data
     target.copy_(weight.to(target.dtype))
