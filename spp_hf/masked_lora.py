@@ -29,15 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layer as _layer
-from .layer import _accumulate, _scratch
-
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The dtype adapter math runs in: the promotion of the given tensors' dtypes, at least float32."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+from .layer import _accumulate, _scratch, compute_dtype
 
 
 def check_shapes(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
@@ -68,7 +60,7 @@ def masked_lora_delta(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
     """(B A) ⊙ (W ≠ 0) as an (m × n) tensor in `compute_dtype` (exact zeros where W is zero, even if
     B A holds Inf/NaN there)."""
     check_shapes(weight, lora_A, lora_B)
-    dtype = compute_dtype(weight, lora_A, lora_B)
+    dtype = compute_dtype(weight.dtype, lora_A.dtype, lora_B.dtype)
     delta = lora_B.to(dtype) @ lora_A.to(dtype)
     return torch.where(weight != 0, delta, torch.zeros((), dtype=dtype, device=delta.device))
 
@@ -80,7 +72,7 @@ def masked_lora_merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B
     a zero; finiteness and "no new zeros" are for the caller to check before writing it back.
     """
     check_shapes(weight, lora_A, lora_B)
-    dtype = compute_dtype(weight, lora_A, lora_B)
+    dtype = compute_dtype(weight.dtype, lora_A.dtype, lora_B.dtype)
     w = weight.to(dtype)
     delta = lora_B.to(dtype) @ lora_A.to(dtype)
     return torch.where(weight != 0, w + scale * delta, w)
@@ -147,7 +139,7 @@ class _FusedMaskedLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p):
         dtype, (m, n) = x.dtype, weight.shape
-        cdtype = compute_dtype(weight, lora_A, lora_B)
+        cdtype = compute_dtype(weight.dtype, lora_A.dtype, lora_B.dtype)
         x2 = x.reshape(-1, n)
         keep = None
         if dropout_p > 0.0:
@@ -180,7 +172,7 @@ class _FusedMaskedLoRA(torch.autograd.Function):
         x, keep, weight, lora_A, lora_B = ctx.saved_tensors
         scale, p = ctx.scale, ctx.dropout_p
         m, n = weight.shape
-        cdtype = compute_dtype(weight, lora_A, lora_B)
+        cdtype = compute_dtype(weight.dtype, lora_A.dtype, lora_B.dtype)
         g = grad_out.reshape(-1, m).to(x.dtype)  # bf16 under autocast while x is fp32
         x2 = x.reshape(-1, n)
         x_branch = x2 if keep is None else x2 * keep / (1.0 - p)

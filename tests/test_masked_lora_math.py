@@ -13,7 +13,6 @@ import torch
 import spp_hf.layer as layer_mod
 from spp_hf.masked_lora import (
     _FusedMaskedLoRA,
-    compute_dtype,
     init_masked_lora,
     masked_lora_branch_naive,
     masked_lora_delta,
@@ -192,9 +191,9 @@ def test_delta_is_masked_and_at_least_float32():
     w = sparse_weight(dtype=torch.float16)
     a, b = adapters(dtype=torch.bfloat16)
     delta = masked_lora_delta(w, a, b)
-    assert delta.dtype == torch.float32 and compute_dtype(w, a, b) == torch.float32
+    assert delta.dtype == torch.float32
     torch.testing.assert_close(delta, (b.float() @ a.float()) * (w != 0).float())
-    assert compute_dtype(w, a.double()) == torch.float64
+    assert masked_lora_delta(w, a.double(), b).dtype == torch.float64
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -267,3 +266,18 @@ def test_bad_shapes_and_trainable_weight_are_refused():
         masked_lora_fused(x, w, None, a.t(), b, SCALE)
     with pytest.raises(ValueError, match="freeze the base weight"):
         masked_lora_fused(x, w.clone().requires_grad_(), None, a, b, SCALE)
+
+
+def test_training_step_after_inference_mode_reuses_no_inference_buffer():
+    """Buffers reused across calls must not leak from inference_mode into a training step."""
+    w = sparse_weight(m=16, n=8, dtype=torch.float32)
+    a, b = adapters(m=16, n=8, dtype=torch.float32)
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        masked_lora_fused(x, w, None, a, b, SCALE)
+    y = masked_lora_fused(x, w, None, a, b, SCALE)
+    y.sum().backward()
+    ad, bd = (t.detach().double().requires_grad_() for t in (a, b))
+    formula(x, w, None, ad, bd).sum().backward()
+    torch.testing.assert_close(a.grad.double(), ad.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad.double(), bd.grad, rtol=1e-5, atol=1e-5)
