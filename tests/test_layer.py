@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from spp_hf import SPPLinear
+from spp_hf import SPPConfig, SPPLinear
 from spp_hf.layer import _FusedSPP, spp_branch_blocked, spp_branch_naive
 
 IMPLS = ["naive", "blocked", "fused"]
@@ -31,35 +31,48 @@ def sparse_linear(m=48, n=32, dtype=torch.float64, bias=True, seed=0) -> nn.Line
     return lin
 
 
+def spp(base, dtype=None, **kw) -> SPPLinear:
+    """An SPPLinear with one adapter "default" configured by SPPConfig(**kw)."""
+    if dtype is not None:
+        kw["adapter_dtype"] = str(dtype).removeprefix("torch.")
+    return SPPLinear(base, "default", SPPConfig(**kw))
+
+
+def factors(layer: SPPLinear):
+    """(α, β) of the active adapter."""
+    p = layer.adapter_parameters()
+    return p["spp_alpha"], p["spp_beta"]
+
+
 def random_factors(layer: SPPLinear, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        layer.spp_alpha.copy_(torch.randn(layer.spp_alpha.shape, generator=g))
-        layer.spp_beta.copy_(torch.randn(layer.spp_beta.shape, generator=g))
+        for p in factors(layer):
+            p.copy_(torch.randn(p.shape, generator=g))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("bias", [True, False])
 def test_forward_matches_paper_equation(impl, bias):
     lin = sparse_linear(bias=bias)
-    layer = SPPLinear(lin, r=4, scale=2.0, impl=impl, adapter_dtype=torch.float64)
+    layer = spp(lin, torch.float64, r=4, scale=2.0, impl=impl)
     random_factors(layer)
     x = torch.randn(3, 5, 32, dtype=torch.float64)
-    ref = paper_reference(x, lin.weight, lin.bias, layer.spp_alpha, layer.spp_beta, 2.0)
+    ref = paper_reference(x, lin.weight, lin.bias, *factors(layer), 2.0)
     torch.testing.assert_close(layer(x), ref, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gradients_match_reference_autograd(impl):
     lin = sparse_linear()
-    layer = SPPLinear(lin, r=8, scale=1.5, impl=impl, adapter_dtype=torch.float64)
+    layer = spp(lin, torch.float64, r=8, scale=1.5, impl=impl)
     random_factors(layer)
     x = torch.randn(4, 32, dtype=torch.float64, requires_grad=True)
     layer(x).pow(2).sum().backward()
-    got = (x.grad.clone(), layer.spp_alpha.grad.clone(), layer.spp_beta.grad.clone())
+    got = (x.grad.clone(), factors(layer)[0].grad.clone(), factors(layer)[1].grad.clone())
     assert lin.weight.grad is None and not lin.weight.requires_grad  # the base stays frozen
-    alpha = layer.spp_alpha.detach().clone().requires_grad_()
-    beta = layer.spp_beta.detach().clone().requires_grad_()
+    alpha = factors(layer)[0].detach().clone().requires_grad_()
+    beta = factors(layer)[1].detach().clone().requires_grad_()
     x2 = x.detach().clone().requires_grad_()
     paper_reference(x2, lin.weight.detach(), lin.bias.detach(), alpha, beta, 1.5).pow(2).sum().backward()
     for a, b in zip(got, (x2.grad, alpha.grad, beta.grad)):
@@ -108,7 +121,7 @@ def test_fused_double_backward(dropout):
 
 def test_fused_dropout_matches_formula_with_its_mask():
     lin = sparse_linear()
-    layer = SPPLinear(lin, r=4, dropout=0.3, impl="fused", adapter_dtype=torch.float64).train()
+    layer = spp(lin, torch.float64, r=4, dropout=0.3, impl="fused").train()
     random_factors(layer)
     x = torch.randn(64, 32, dtype=torch.float64)
     torch.manual_seed(3)
@@ -116,33 +129,38 @@ def test_fused_dropout_matches_formula_with_its_mask():
     torch.manual_seed(3)
     keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(0.7)
     m = lin.weight.shape[0]
-    w_prime = lin.weight * layer.spp_alpha.repeat_interleave(m // 4, 0) * layer.spp_beta
+    alpha, beta = factors(layer)
+    w_prime = lin.weight * alpha.repeat_interleave(m // 4, 0) * beta
     ref = x @ lin.weight.T + lin.bias + 2.0 * ((x * keep / 0.7) @ w_prime.T)
     torch.testing.assert_close(y, ref)
-    assert not torch.allclose(y, paper_reference(x, lin.weight, lin.bias, layer.spp_alpha, layer.spp_beta, 2.0))
+    assert not torch.allclose(y, paper_reference(x, lin.weight, lin.bias, *factors(layer), 2.0))
     layer.eval()  # no dropout in eval
-    torch.testing.assert_close(layer(x), paper_reference(x, lin.weight, lin.bias, layer.spp_alpha, layer.spp_beta, 2.0))
+    torch.testing.assert_close(layer(x), paper_reference(x, lin.weight, lin.bias, *factors(layer), 2.0))
 
 
 def test_init_is_identity_and_parameters_are_named():
     lin = sparse_linear(dtype=torch.float32)
-    layer = SPPLinear(lin, r=16)
-    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["spp_alpha", "spp_beta"]
-    assert layer.spp_alpha.shape == (16, 32) and layer.spp_beta.shape == (48, 1)
-    assert torch.all(layer.spp_beta == 0)
+    layer = spp(lin, r=16)
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["spp_alpha.default", "spp_beta.default"]
+    alpha, beta = factors(layer)
+    assert alpha.shape == (16, 32) and beta.shape == (48, 1)
+    assert torch.all(beta == 0)
     bound = 1 / math.sqrt(32)  # kaiming-uniform with a=sqrt(5) on fan_in=32
-    assert layer.spp_alpha.abs().max() <= bound and layer.spp_alpha.std() > bound / 4
+    assert alpha.abs().max() <= bound and alpha.std() > bound / 4
     x = torch.randn(5, 32)
     torch.testing.assert_close(layer(x), lin(x))
 
 
 def test_ablation_zero_init_alpha_and_no_beta():
     lin = sparse_linear(dtype=torch.float32)
-    a = SPPLinear(lin, r=4, zero_init="alpha")
-    assert torch.all(a.spp_alpha == 0) and a.spp_beta.abs().sum() > 0
-    no_beta = SPPLinear(lin, r=4, use_beta=False, zero_init="alpha")
-    assert torch.all(no_beta.spp_beta == 1) and not no_beta.spp_beta.requires_grad
-    assert [n for n, p in no_beta.named_parameters() if p.requires_grad] == ["spp_alpha"]
+    a = spp(lin, r=4, zero_init="alpha")
+    assert torch.all(factors(a)[0] == 0) and factors(a)[1].abs().sum() > 0
+    no_beta = spp(lin, r=4, use_beta=False, zero_init="alpha")
+    assert torch.all(factors(no_beta)[1] == 1) and not factors(no_beta)[1].requires_grad
+    assert [n for n, p in no_beta.named_parameters() if p.requires_grad] == ["spp_alpha.default"]
+    no_beta.set_trainable(False)
+    no_beta.set_trainable(True)  # β stays frozen when use_beta is False
+    assert [n for n, p in no_beta.named_parameters() if p.requires_grad] == ["spp_alpha.default"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -151,17 +169,17 @@ def test_conv1d_fan_in_fan_out(impl):
     conv = Conv1D(24, 16).double()  # GPT-2 layout: weight is (in, out)
     with torch.no_grad():
         conv.weight[torch.rand_like(conv.weight) < 0.5] = 0.0
-    layer = SPPLinear(conv, r=4, impl=impl, adapter_dtype=torch.float64)
+    layer = spp(conv, torch.float64, r=4, impl=impl)
     random_factors(layer)
     x = torch.randn(2, 16, dtype=torch.float64)
-    ref = paper_reference(x, conv.weight.T, conv.bias, layer.spp_alpha, layer.spp_beta, 2.0)
+    ref = paper_reference(x, conv.weight.T, conv.bias, *factors(layer), 2.0)
     torch.testing.assert_close(layer(x), ref)
 
 
 def test_merge_keeps_zeros_and_unmerge_restores():
     lin = sparse_linear(dtype=torch.float32)
     original = lin.weight.detach().clone()
-    layer = SPPLinear(lin, r=4)
+    layer = spp(lin, r=4)
     random_factors(layer)
     x = torch.randn(6, 32)
     y = layer(x)
@@ -170,16 +188,15 @@ def test_merge_keeps_zeros_and_unmerge_restores():
     torch.testing.assert_close(lin(x), y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
     layer.unmerge()
-    torch.testing.assert_close(lin.weight, original, rtol=1e-5, atol=1e-6)
-    assert torch.equal(lin.weight == 0, original == 0)
+    assert torch.equal(lin.weight, original)  # bit for bit: the original is kept while merged
 
 
 def test_merge_refuses_non_finite_factors_and_leaves_weights():
     lin = sparse_linear(dtype=torch.float32)
     original = lin.weight.detach().clone()
-    layer = SPPLinear(lin, r=4)
+    layer = spp(lin, r=4)
     with torch.no_grad():
-        layer.spp_beta[0, 0] = float("inf")
+        factors(layer)[1][0, 0] = float("inf")
     with pytest.raises(ValueError, match="NaN/Inf"):
         layer.merge()
     assert torch.equal(lin.weight, original) and not layer.merged
@@ -187,21 +204,21 @@ def test_merge_refuses_non_finite_factors_and_leaves_weights():
 
 def test_bfloat16_base_keeps_float32_factors():
     lin = sparse_linear(dtype=torch.bfloat16)
-    layer = SPPLinear(lin, r=4)
-    assert layer.spp_alpha.dtype == torch.float32
+    layer = spp(lin, r=4)
+    assert factors(layer)[0].dtype == torch.float32
     random_factors(layer)
     x = torch.randn(3, 32, dtype=torch.bfloat16)
     y = layer(x)
     assert y.dtype == torch.bfloat16
-    ref = paper_reference(x.double(), lin.weight.double(), lin.bias.double(), layer.spp_alpha.double(), layer.spp_beta.double(), 2.0)
+    ref = paper_reference(x.double(), lin.weight.double(), lin.bias.double(), *(p.double() for p in factors(layer)), 2.0)
     torch.testing.assert_close(y.double(), ref, rtol=0.05, atol=0.1)
     y.float().sum().backward()
-    assert layer.spp_alpha.grad.dtype == torch.float32 and torch.isfinite(layer.spp_alpha.grad).all()
+    assert factors(layer)[0].grad.dtype == torch.float32 and torch.isfinite(factors(layer)[0].grad).all()
 
 
 def test_bad_r_names_valid_values():
     with pytest.raises(ValueError, match=r"r=5 does not divide out_features=48.*\[1, 2, 3, 4, 6, 8, 12, 16, 24, 48\]"):
-        SPPLinear(sparse_linear(), r=5)
+        spp(sparse_linear(), r=5)
 
 
 def test_unwrappable_module_is_refused():

@@ -61,7 +61,7 @@ def test_inject_train_save_load_merge(arch, dtype, tmp_path):
     model = get_spp_model(model, config_for(arch))
     assert isinstance(model, base_cls) and isinstance(model, SPPModelMixin)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(n.endswith(("spp_alpha", "spp_beta")) for n in trainable)
+    assert trainable and all(n.endswith(("spp_alpha.default", "spp_beta.default")) for n in trainable)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
     torch.testing.assert_close(model(IDS).logits, base_logits)  # β = 0: starts as the pruned base
     train_steps(model)
@@ -121,7 +121,7 @@ def test_merge_refuses_nan_and_touches_nothing():
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     layer = model.model.layers[1].mlp.down_proj
     with torch.no_grad():
-        layer.spp_alpha[0, 0] = float("nan")
+        layer.spp_alpha["default"][0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf"):
         model.merge_spp()
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if not p.requires_grad)
@@ -133,7 +133,7 @@ def test_named_adapters_and_set_adapter(tmp_path):
     logits_a = model(IDS).logits
     get_spp_model(model, SPPConfig(r=4), adapter_name="other")
     assert model.active_spp_adapter == "other"
-    assert model.model.layers[0].self_attn.q_proj.spp_alpha.shape[0] == 4
+    assert model.model.layers[0].self_attn.q_proj.spp_alpha["other"].shape[0] == 4
     train_steps(model, seed=2)
     logits_b = model(IDS).logits
     model.set_adapter("default")
@@ -247,12 +247,15 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path)
     good = (tmp_path / "spp_adapter.safetensors").read_bytes()
     train_steps(model)
+    import sys
+
     import spp_hf.files
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(spp_hf.files, "save_file", boom)
+    writer = sys.modules[spp_hf.files.atomic_save_safetensors.__module__]  # the module that owns the writer
+    monkeypatch.setattr(writer, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "spp_adapter.safetensors").read_bytes() == good
@@ -273,7 +276,7 @@ def test_base_model_none_reads_config(tmp_path):
     unmerged = SPPModel.from_pretrained(tmp_path / "adapter", merge=False)
     assert isinstance(unmerged, SPPModelMixin) and not any(p.requires_grad for p in unmerged.parameters())
     trainable = SPPModel.from_pretrained(tmp_path / "adapter", merge=False, is_trainable=True)
-    assert {n.rsplit(".", 1)[-1] for n, p in trainable.named_parameters() if p.requires_grad} == {"spp_alpha", "spp_beta"}
+    assert {n.rsplit(".", 2)[-2] for n, p in trainable.named_parameters() if p.requires_grad} == {"spp_alpha", "spp_beta"}
 
 
 def test_sparsity_report_detects_patterns():
