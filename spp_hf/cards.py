@@ -15,8 +15,6 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
-import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,11 +22,11 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
 from .config import SPPConfig
+from .hub import is_hub_id
 
 PLACEHOLDER_REPO_ID = "<this-repo-id>"
 KNOWN_METHODS = ("magnitude", "wanda", "sparsegpt")
 SPP_URL = "https://github.com/Lucky-Lance/SPP"
-_REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][\w\-.]*/)?[A-Za-z0-9][\w\-.]{0,95}$")
 
 
 # --------------------------------------------------------------------------- public API
@@ -44,6 +42,7 @@ def render_pruned_base_card(
     perplexity_dataset: str | None = None,
     eval_results: dict | None = None,
     license: str | None = None,  # noqa: A002 - the Hub's metadata field name
+    related: list[tuple[str, str]] | None = None,
 ) -> str:
     """Card of a pruned base: the dense model it came from, method, sparsity, calibration, per-layer sparsity.
 
@@ -62,7 +61,7 @@ def render_pruned_base_card(
         library_name="transformers",
         license=license or base_meta.get("license"),
         tags=_tags(method, pattern),
-        datasets=[calibration] if _is_hub_id(calibration) else None,
+        datasets=[calibration] if _is_dataset_id(calibration) else None,
         eval_results=results,
         model_name=repo_id or f"{_short(base_model)} ({method} {sparsity})",
     )
@@ -79,6 +78,7 @@ def render_pruned_base_card(
         sparsity_summary=_summary(report),
         **_sparsity_rows(report),
         eval_rows=_eval_rows(results),
+        related=_related(related),
         versions=_versions(),
     )
 
@@ -93,6 +93,7 @@ def render_adapter_card(
     *,
     repo_id: str | None = None,
     license: str | None = None,  # noqa: A002
+    related: list[tuple[str, str]] | None = None,
 ) -> str:
     """Card of an SPP adapter: its pruned base (pinned revision, mask fingerprint), sparsity, SPP/training settings.
 
@@ -102,7 +103,7 @@ def render_adapter_card(
     base = config.base_model_name_or_path
     base_meta = base_metadata(base, config.base_model_revision)
     modules = (config.mask_fingerprint or {}).get("modules")
-    report = _model_report(model, modules) if model is not None else _fingerprint_report(config.mask_fingerprint)
+    report = _model_report(model, modules) if model is not None else fingerprint_report(config.mask_fingerprint)
     pattern = report.get("pattern") or base_meta.get("pattern")
     results = dict(eval_results or {})
     settings = _spp_settings(config) + [("Adapter parameters", f"{_adapter_params(config):,}")]
@@ -118,7 +119,7 @@ def render_adapter_card(
         library_name="spp-hf",
         license=license or base_meta.get("license"),
         tags=_tags(base_meta.get("method"), pattern, extra=["spp-adapter"]),
-        datasets=[dataset_name] if dataset_name and _is_hub_id(dataset_name) else None,
+        datasets=[dataset_name] if _is_dataset_id(dataset_name) else None,
         eval_results=results,
         model_name=repo_id or title,
     )
@@ -137,6 +138,7 @@ def render_adapter_card(
         **_sparsity_rows(report),
         training_settings=settings,
         eval_rows=_eval_rows(results),
+        related=_related(related),
         versions=_versions(),
     )
 
@@ -150,6 +152,7 @@ def render_merged_card(
     adapter: str | None = None,
     dataset_name: str | None = None,
     license: str | None = None,  # noqa: A002
+    related: list[tuple[str, str]] | None = None,
 ) -> str:
     """Card of a merged model: the pruned base + the adapter folded in, its (unchanged) sparsity, SPP settings.
 
@@ -166,7 +169,7 @@ def render_merged_card(
         library_name="transformers",
         license=license or base_meta.get("license"),
         tags=_tags(base_meta.get("method"), report.get("pattern") or base_meta.get("pattern"), extra=["spp-merged"]),
-        datasets=[dataset_name] if dataset_name and _is_hub_id(dataset_name) else None,
+        datasets=[dataset_name] if _is_dataset_id(dataset_name) else None,
         eval_results=results,
         model_name=repo_id or title,
     )
@@ -187,8 +190,34 @@ def render_merged_card(
         **_sparsity_rows(report),
         training_settings=settings,
         eval_rows=_eval_rows(results),
+        related=_related(related),
         versions=_versions(),
     )
+
+
+def render_baseline_merged_card(
+    method: str,
+    base_model: str | None,
+    report: Any,
+    *,
+    repo_id: str | None = None,
+    related: list[tuple[str, str]] | None = None,
+    license: str | None = None,  # noqa: A002
+) -> str:
+    """Card of a merged baseline (e.g. LoRA*: LoRA merged, then the pruning mask re-applied) on a pruned base."""
+    report = _report_dict(report)
+    base_meta = base_metadata(base_model)
+    title = f"{_short(base_model)} + {method} (merged, mask re-applied)"
+    card_data = _card_data(
+        base_model=base_model, relation="finetune", library_name="transformers", license=license or base_meta.get("license"),
+        tags=_tags(base_meta.get("method"), report.get("pattern") or base_meta.get("pattern"), extra=[method]),
+        datasets=None, eval_results={}, model_name=repo_id or title,
+    )  # fmt: skip
+    return _render(
+        "baseline_merged", card_data, title=title, repo_id=repo_id or PLACEHOLDER_REPO_ID, base_link=_link(base_model),
+        method=method, sparsity_summary=_summary(report), **_sparsity_rows(report), related=_related(related),
+        versions=_versions(),
+    )  # fmt: skip
 
 
 def template_path(kind: str) -> Path:
@@ -251,7 +280,7 @@ def _base_file(name_or_path: str, filename: str, revision: str | None) -> Path |
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         return local / filename if (local / filename).is_file() else None
-    if not _is_hub_id(name_or_path):
+    if not is_hub_id(name_or_path):
         return None
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 
@@ -269,22 +298,25 @@ def _base_file(name_or_path: str, filename: str, revision: str | None) -> Path |
 
 
 # --------------------------------------------------------------------------- helpers
-def _is_hub_id(name: str | None) -> bool:
-    """A Hub repo id (`name` or `namespace/name`), not a path on this machine or a bundled sample's name."""
+def _is_dataset_id(name: str | None) -> bool:
+    """A Hub dataset id, not a local data file or the name of a sample bundled with spp-hf."""
     from .alpaca import BUNDLED
 
-    if not name or name in BUNDLED or os.path.exists(os.path.expanduser(name)) or name.startswith((".", "/", "~")):
-        return False
-    data_file = name.endswith((".json", ".jsonl", ".txt", ".csv", ".parquet"))
-    return bool(_REPO_ID_RE.match(name)) and ".." not in name and not data_file
+    data_file = bool(name) and str(name).endswith((".json", ".jsonl", ".txt", ".csv", ".parquet"))
+    return is_hub_id(name) and name not in BUNDLED and not data_file
 
 
 def _link(name: str | None) -> str:
     if not name:
         return "an unrecorded base model"
-    if _is_hub_id(name):
+    if is_hub_id(name):
         return f"[`{name}`]({constants.ENDPOINT}/{name})"
     return f"`{name}` (a local folder)"
+
+
+def _related(related: list[tuple[str, str]] | None) -> list[tuple[str, str]]:
+    """(label, markdown link) rows for the cards' "Related repos" section."""
+    return [(label, _link(name)) for label, name in related or []]
 
 
 def _short(name: str | None) -> str:
@@ -292,7 +324,7 @@ def _short(name: str | None) -> str:
 
 
 def _card_data(*, base_model, relation, library_name, license, tags, datasets, eval_results, model_name) -> ModelCardData:  # noqa: A002
-    hub_base = base_model if _is_hub_id(base_model) else None
+    hub_base = base_model if is_hub_id(base_model) else None
     entries = [
         EvalResult(task_type="text-generation", dataset_type=d, dataset_name=d, metric_type=m, metric_value=v)
         for d, m, v in _eval_entries(eval_results)
@@ -348,7 +380,7 @@ def _model_report(model: Any, names: Iterable[str] | None = None) -> dict:
     return report.to_dict()
 
 
-def _fingerprint_report(fingerprint: dict | None) -> dict:
+def fingerprint_report(fingerprint: dict | None) -> dict:
     """Per-layer zeros and ratio from the fingerprint an adapter records (no N:M pattern: it stores only hashes)."""
     layers = []
     for name, module in (fingerprint or {}).get("modules", {}).items():

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub repo these weights come from, for cards
 
 
 def default_cache_dir() -> Path:
@@ -31,7 +32,7 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .files import atomic_dir
+    from .artifacts import atomic_dir
 
     folder = gguf_folder()
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype="float32")
@@ -40,7 +41,7 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.config.name_or_path = HUB_ID
     with atomic_dir(target) as staging:  # renamed into place only when complete
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -500,7 +500,7 @@ def test_cli_prune_writes_reloadable_pruned_base(tiny_checkpoint, tmp_path):
     assert main(argv) == 0
     for name in ("config.json", "model.safetensors", "sparsity.json", "README.md", "tokenizer.json"):
         assert (out / name).is_file(), name
-    assert not list(tmp_path.glob(".pruned.partial-*"))
+    assert not list(tmp_path.glob(".pruned.*"))  # no staging folder left behind
 
     original = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
     pruned = AutoModelForCausalLM.from_pretrained(out)
@@ -566,18 +566,8 @@ def test_save_pruned_overwrites_in_place(tmp_path):
     assert not (out / "model-00001-of-00002.safetensors").exists()
     record = json.loads((out / "sparsity.json").read_text())
     assert record["perplexity"] == 11.0 and record["pattern"] is None and record["ratio"] == 0.5
-    assert record["perplexity_dataset"] == "wikitext" and record["calibration"] is None
+    assert record["perplexity_dataset"] == "wikitext" and record["calibration"] is None and record["kind"] == "pruned-base"
     assert "magnitude" in (out / "README.md").read_text()
-
-
-def test_fallback_card_is_valid_yaml_front_matter():
-    import yaml
-
-    from spp_hf.pruning.save import _fallback_card
-
-    card = _fallback_card("org/base", "wanda", "2:4", "c4_demo.jsonl", {"ratio": 0.5, "pattern": "2:4"}, 12.3)
-    meta = yaml.safe_load(card.split("---")[1])
-    assert meta["base_model"] == "org/base" and "wanda" in meta["tags"] and "12.30" in card
 
 
 # --------------------------------------------------------------------------- real model (SmolLM2-135M)

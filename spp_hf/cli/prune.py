@@ -1,0 +1,70 @@
+"""`spp-hf prune`: load a model, prune it, save a pruned base (checkpoint + sparsity.json + card), optionally push it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..pruning.api import METHODS
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add the `prune` sub-command to the `spp-hf` parser."""
+    p = subparsers.add_parser(
+        "prune",
+        help="prune a model with magnitude, Wanda or SparseGPT and save it as a sparse base",
+        description="Prune every linear layer of the decoder blocks (never embeddings or lm_head) in place, "
+        "then save a transformers checkpoint with exact zeros, sparsity.json and a model card.",
+    )
+    p.add_argument("--model", required=True, help="model id on the Hub or local checkpoint folder")
+    p.add_argument("--method", choices=METHODS, default="wanda")
+    p.add_argument("--sparsity", default="0.5", help="fraction pruned per row (e.g. 0.5) or N:M (e.g. 2:4)")
+    p.add_argument("--calib", default=None, help="calibration: local .jsonl/.json/.txt file or Hub dataset id (default: C4, needs internet)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modules", nargs="+", default=None, help="only these module names/suffixes (default: all linear layers in the decoder blocks)")
+    p.add_argument("--device", default=None, help="run each decoder block on this device, e.g. cuda (default: where the model is)")
+    p.add_argument("--dtype", default="float32", help="dtype to load the model in (default float32)")
+    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size")
+    p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening as a fraction of the mean Hessian diagonal")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None, help="also upload the folder to this Hub repo")
+    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    p.add_argument("--revision", default=None, help="model revision to load")
+    p.set_defaults(func=run_prune)
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..pruning import parse_sparsity, prune, save_pruned
+
+    try:
+        parse_sparsity(args.sparsity)  # fail on a bad spec before loading anything
+    except ValueError as err:
+        raise SystemExit(f"spp-hf prune: {err}") from None
+    dtype = getattr(torch, args.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise SystemExit(f"--dtype {args.dtype!r} is not a torch dtype (e.g. float32, bfloat16).")
+    tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
+    model = AutoModelForCausalLM.from_pretrained(args.model, revision=args.revision, dtype=dtype)
+    try:
+        report = prune(
+            model, method=args.method, sparsity=args.sparsity, calibration=args.calib, tokenizer=tokenizer,
+            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, modules=args.modules, device=args.device,
+            blocksize=args.blocksize, percdamp=args.percdamp,
+        )
+    except ValueError as err:  # bad input: nothing was changed or saved
+        raise SystemExit(f"spp-hf prune: {err}") from None
+    report.base_model = args.model
+    out = save_pruned(model, tokenizer, args.out, report)
+    print(f"{args.method} {report.sparsity}: {report.ratio:.2%} of {len(report.modules)} modules zero "
+          f"({report.pattern or 'unstructured'}) in {report.seconds:.1f}s -> {out}")
+    if args.push_to_hub:
+        from ..hub import push_folder
+
+        print(f"pushed to {push_folder(out, args.push_to_hub, private=args.private, commit_message='Upload pruned base with spp-hf')}")
+    return 0

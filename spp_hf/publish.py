@@ -1,0 +1,244 @@
+"""`publish_run`: push a whole `spp-hf run` folder to the Hub as repos that name each other.
+
+    runs/<name>/pruned            -> ORG/NAME                 (pruned base)
+    runs/<name>/spp/adapter       -> ORG/NAME-spp             (adapter re-keyed to ORG/NAME at the pushed commit)
+    runs/<name>/spp/merged        -> ORG/NAME-spp-merged      (with merged=True)
+    runs/<name>/<method>/merged   -> ORG/NAME-<method>-merged (other trained methods, e.g. lora_star)
+
+Everything is checked before the first push: the adapter and every merged model have the pruned
+base's zeros. Between the pushes the adapter is keyed to the base commit just pushed, after checking
+the mask fingerprint the Hub now serves there. Files that name local paths (sparsity.json, cards,
+the adapter config) are rewritten for the Hub, and the upload is refused if any file still holds a
+path of this machine. The run folder itself is not changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .artifacts import (
+    CONFIG_NAME,
+    README_NAME,
+    SPARSITY_NAME,
+    json_bytes,
+    model_sparsity_record,
+    read_adapter_files,
+    read_sparsity_json,
+    sparsity_fingerprint,
+    write_adapters,
+)
+from .hub import SPPHubError, is_hub_id, push_folder, verified_base
+from .sparsity import zero_mask_differences
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+@dataclass
+class PublishedRepo:
+    """One repo `publish_run` pushed: what it holds, from which folder, and the commit."""
+
+    role: str
+    folder: Path
+    repo_id: str
+    commit: str
+
+
+@dataclass
+class RunArtifacts:
+    """The publishable folders of a run."""
+
+    pruned: Path
+    adapter: Path | None
+    merged: dict[str, Path]  # method ("spp", "lora_star", ...) -> its merged model folder
+    dense_model: str | None  # the Hub id of the model that was pruned, when the run names one
+
+
+def run_artifacts(run_dir: str | os.PathLike) -> RunArtifacts:
+    """Find the pruned base, the SPP adapter and the merged models of a run folder."""
+    run = Path(run_dir)
+    pruned = run / "pruned"
+    if read_sparsity_json(pruned) is None:
+        raise FileNotFoundError(
+            f"{pruned} has no {SPARSITY_NAME}: {run} is not a finished `spp-hf run` folder. Run `spp-hf run` first, or "
+            "push single folders with `spp-hf push`."
+        )
+    adapter = run / "spp" / "adapter"
+    merged = {p.parent.name: p for p in sorted(run.glob("*/merged")) if (p / "config.json").is_file()}
+    return RunArtifacts(pruned, adapter if (adapter / CONFIG_NAME).is_file() else None, merged, _dense_model(run))
+
+
+def _dense_model(run: Path) -> str | None:
+    from .smollm2 import HUB_ID
+
+    try:
+        name = json.loads((run / "config.json").read_text()).get("model")
+    except (OSError, ValueError):
+        return None
+    if name == "smollm2":
+        return HUB_ID
+    return name if is_hub_id(name) else None
+
+
+def publish_run(
+    run_dir: str | os.PathLike,
+    repo_id: str,
+    merged: bool = True,
+    private: bool | None = False,
+    token: str | bool | None = None,
+    dense_model: str | None = None,
+) -> list[PublishedRepo]:
+    """Push a run's pruned base, SPP adapter and (with `merged`) merged models; see the module docstring.
+
+    `dense_model` is the Hub id of the model that was pruned, for the base's card (default: the run's
+    `model` setting when it is a Hub id or 'smollm2').
+    """
+    run = Path(run_dir)
+    found = run_artifacts(run)
+    dense = dense_model or found.dense_model
+    names = _repo_names(repo_id, found, merged)
+    base_data = read_sparsity_json(found.pruned)
+    base_fp = sparsity_fingerprint(base_data)
+    if base_fp is None:
+        raise ValueError(f"{found.pruned / SPARSITY_NAME} records no mask fingerprint; prune again with spp-hf.")
+    adapter = read_adapter_files(found.adapter) if found.adapter is not None else None
+    if adapter is not None:
+        problems = zero_mask_differences(adapter[0].get("mask_fingerprint") or {}, base_fp)
+        if problems or not adapter[0].get("mask_fingerprint"):
+            raise ValueError(
+                f"The adapter {found.adapter} was not trained on {found.pruned} ({'; '.join(problems[:3]) or 'no fingerprint'})"
+                "; nothing was pushed. Publish a run whose adapter was trained on its own pruned base."
+            )
+    merged_records = {m: _merged_record(p, m, base_fp) for m, p in found.merged.items() if merged}
+    roots = _local_roots(run, found)
+    published = []
+    with tempfile.TemporaryDirectory(prefix="spp-publish-") as tmp:
+        mirror = _base_mirror(found.pruned, Path(tmp) / "pruned", base_data, dense, names, roots)
+        commit = push_folder(mirror, repo_id, private=private, token=token, commit_message="Upload pruned base with spp-hf")
+        published.append(PublishedRepo("pruned base", found.pruned, repo_id, commit.oid))
+        if adapter is not None:
+            sha = verified_base(repo_id, commit.oid, adapter[0]["mask_fingerprint"], token)
+            mirror = _adapter_mirror(adapter, Path(tmp) / "adapter", names, sha, run, roots)
+            pushed = push_folder(mirror, names["spp"], private=private, token=token, commit_message="Upload SPP adapter")
+            published.append(PublishedRepo("SPP adapter", found.adapter, names["spp"], pushed.oid))
+        for method, record in merged_records.items():
+            repo = names[f"{method}-merged"]
+            mirror = _merged_mirror(found.merged[method], Path(tmp) / method, method, record, names, commit.oid, roots)
+            pushed = push_folder(mirror, repo, private=private, token=token, commit_message=f"Upload merged {method} model")
+            published.append(PublishedRepo(f"merged {method} model", found.merged[method], repo, pushed.oid))
+    return published
+
+
+def _repo_names(repo_id: str, found: RunArtifacts, merged: bool) -> dict[str, str]:
+    if not is_hub_id(repo_id) or "/" not in repo_id:
+        raise ValueError(f"{repo_id!r} is not a Hub repo id; pass ORG/NAME (the base's repo; the others get suffixes).")
+    names = {"base": repo_id}
+    if found.adapter is not None:
+        names["spp"] = f"{repo_id}-spp"
+    if merged:
+        names.update({f"{m}-merged": f"{repo_id}-{m}-merged" for m in found.merged})
+    return names
+
+
+def _related(names: dict[str, str], own: str) -> list[tuple[str, str]]:
+    labels = {"base": "Pruned base", "spp": "SPP adapter"}
+    return [(labels.get(key, f"Merged {key.removesuffix('-merged')} model"), repo) for key, repo in names.items() if key != own]
+
+
+def _merged_record(folder: Path, method: str, base_fp: dict) -> dict:
+    """sparsity.json of a merged model as measured on its weights, refused if its zeros are not the base's."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    kind = "spp-merged" if method == "spp" else "merged"
+    try:
+        record = model_sparsity_record(model, kind, base_mask_fingerprint=base_fp)
+    except ValueError as err:
+        raise ValueError(f"{folder}: {err}") from None
+    return {**(read_sparsity_json(folder) or {}), **record, "method": method}
+
+
+def _local_roots(run: Path, found: RunArtifacts) -> set[str]:
+    roots = {str(run.resolve()), str(Path.cwd().resolve()), str(Path.home().resolve())}
+    return {r for r in roots if r != os.sep}
+
+
+def _public(value: Any, mapping: dict[str, str | None]) -> Any:
+    """`value` with strings naming local paths replaced: known folders by their repo ids, others by their name."""
+    if isinstance(value, dict):
+        return {k: _public(v, mapping) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_public(v, mapping) for v in value]
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~") or ("/" in value and os.path.exists(value))):
+        resolved = str(Path(value).expanduser().resolve())
+        return mapping[resolved] if resolved in mapping else Path(value).name
+    return value
+
+
+def _mirror(folder: Path, mirror: Path, replaced: dict[str, bytes], roots: set[str]) -> Path:
+    """A folder of symlinks to `folder`'s files plus the `replaced` files, checked to hold no local path."""
+    mirror.mkdir(parents=True)
+    for item in folder.iterdir():
+        if item.is_file() and not item.name.startswith(".") and item.name not in replaced:
+            os.symlink(item.resolve(), mirror / item.name)
+    for name, data in replaced.items():
+        (mirror / name).write_bytes(data)
+    for item in mirror.iterdir():
+        if item.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        text = item.read_bytes().decode("utf-8", errors="replace")
+        leaked = sorted(root for root in roots if root in text)
+        if leaked:
+            raise SPPHubError(
+                f"{folder / item.name} names the local path {leaked[0]!r}, which would be published; nothing more was "
+                "pushed. Re-save that folder with spp-hf, or remove the path from the file."
+            )
+    return mirror
+
+
+def _base_mirror(folder: Path, mirror: Path, data: dict, dense: str | None, names: dict, roots: set[str]) -> Path:
+    from .cards import render_pruned_base_card
+
+    public = _public(data, {str(Path(data.get("base_model") or "").resolve()): dense} if data.get("base_model") else {})
+    public["base_model"] = dense
+    card = render_pruned_base_card(
+        dense or "", public.get("method", "?"), str(public.get("sparsity", "?")), str(public.get("calibration") or "none"),
+        public, public.get("perplexity"), repo_id=names["base"], perplexity_dataset=public.get("perplexity_dataset"),
+        related=_related(names, "base"),
+    )  # fmt: skip
+    return _mirror(folder, mirror, {SPARSITY_NAME: json_bytes(public), README_NAME: card.encode()}, roots)
+
+
+def _adapter_mirror(adapter: tuple[dict, dict], mirror: Path, names: dict, sha: str, run: Path, roots: set[str]) -> Path:
+    from .artifacts import AdapterFiles
+    from .cards import render_adapter_card
+    from .config import SPPConfig
+
+    config, tensors = adapter
+    config = {**_public(config, {}), "base_model_name_or_path": names["base"], "base_model_revision": sha}
+    card = render_adapter_card(SPPConfig.from_dict(config), repo_id=names["spp"], related=_related(names, "spp"))
+    write_adapters(mirror, {"": AdapterFiles(config, tensors, card)})
+    return _mirror(mirror, mirror.parent / "adapter-checked", {}, roots)
+
+
+def _merged_mirror(
+    folder: Path, mirror: Path, method: str, record: dict, names: dict, base_sha: str, roots: set[str]
+) -> Path:
+    from .cards import render_baseline_merged_card, render_merged_card
+    from .config import SPPConfig
+
+    own = f"{method}-merged"
+    mapping = {str(folder.resolve()): names[own]}
+    record = {**_public(record, mapping), "base_model": names["base"], "base_model_revision": base_sha}
+    if method == "spp" and "spp" in names:
+        adapter_config = read_adapter_files(folder.parent / "adapter")[0]
+        config = SPPConfig.from_dict({**adapter_config, "base_model_name_or_path": names["base"], "base_model_revision": base_sha})
+        record.update(adapter=names["spp"], spp_config=config.to_dict())
+        card = render_merged_card(config, record, repo_id=names[own], adapter=names["spp"], related=_related(names, own))
+    else:
+        card = render_baseline_merged_card(method, names["base"], record, repo_id=names[own], related=_related(names, own))
+    return _mirror(folder, mirror, {SPARSITY_NAME: json_bytes(record), README_NAME: card.encode()}, roots)
