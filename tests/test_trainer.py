@@ -55,7 +55,7 @@ def test_only_alpha_beta_train_and_the_base_is_untouched(tmp_path):
     before_base, before_spp = base_weights(t.model), spp_tensors(t.model)
     t.train()
     optimised = {id(p) for group in t.optimizer.param_groups for p in group["params"]}
-    expected = {id(p) for _, layer in t.model.spp_layers() for p in (layer.spp_alpha, layer.spp_beta)}
+    expected = {id(p) for _, layer in t.model.spp_layers() for p in layer.adapter_parameters().values()}
     assert optimised == expected and len(expected) == 2 * 14
     after_base, after_spp = base_weights(t.model), spp_tensors(t.model)
     assert all(torch.equal(before_base[n], after_base[n]) for n in before_base)
@@ -141,7 +141,7 @@ def test_bf16_defaults_off_on_cpu_and_the_bf16_path_trains_a_tiny_model(tmp_path
     assert config(tmp_path).bf16 is bf16_available()
     t = trainer(tmp_path, spp=SPPConfig(r=4, impl=impl), max_steps=1, bf16=True)
     t.train()
-    assert t.model.model.layers[0].self_attn.q_proj.spp_alpha.dtype == torch.float32
+    assert t.model.model.layers[0].self_attn.q_proj.spp_alpha["default"].dtype == torch.float32
     assert all(torch.isfinite(v).all() for v in spp_tensors(t.model).values())
 
 
@@ -190,6 +190,58 @@ def test_resume_needs_an_spp_checkpoint(tmp_path):
     t = trainer(tmp_path, max_steps=1)
     with pytest.raises(ValueError, match="spp_adapter.safetensors"):
         t.train(resume_from_checkpoint=str(bogus))
+
+
+def test_resume_with_a_named_active_adapter(tmp_path):
+    """The active adapter "task" (besides "default") is written at the checkpoint root and resumed from there."""
+    def build(seed):
+        torch.manual_seed(seed)
+        model = get_spp_model(tiny_pruned_base(), SPPConfig(r=8))
+        model.add_adapter(SPPConfig(r=4), adapter_name="task")
+        return model
+
+    full = trainer(tmp_path / "a", model=build(0), max_steps=4, save_strategy="steps", save_steps=2)
+    full.train()
+    expected = spp_tensors(full.model)
+    checkpoint = tmp_path / "a/out/checkpoint-2"
+    assert (checkpoint / "spp_adapter.safetensors").is_file() and not (checkpoint / "task").exists()
+    resumed = trainer(tmp_path / "b", model=build(1), max_steps=4, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.model.active_spp_adapter == "task"
+    got = spp_tensors(resumed.model)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    t = trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    t.train()
+    checkpoint = tmp_path / "out/checkpoint-2"
+    (checkpoint / "spp_adapter.safetensors").write_bytes(b"\x00" * 64)
+    again = trainer(tmp_path / "b", max_steps=3)
+    with pytest.raises(ValueError, match=r"Can't resume from .*checkpoint-2.*corrupt"):
+        again.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_checkpoint_weights_keep_the_conv1d_layout_of_square_weights(tmp_path):
+    """GPT-2 stores every Conv1D weight as (in, out), square ones included: read them by layer type, not shape."""
+    from conftest import make_tiny_model, prune_magnitude_nm_
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    from spp_hf.trainer import _checkpoint_weights, _stored_transposed
+
+    base = make_tiny_model("gpt2")
+    prune_magnitude_nm_(base)
+    base.save_pretrained(tmp_path / "gpt2")
+    model = get_spp_model(base, SPPConfig(r=8, target_modules=["c_attn", "c_proj", "c_fc"]))
+    names = [n for n, _ in model.spp_layers()]
+    assert any(tuple(model.get_submodule(n).weight.shape) == (64, 64) for n in names)  # attn.c_proj is square
+    got = dict(_checkpoint_weights(str(tmp_path / "gpt2"), None, model, names))
+    for name in names:
+        assert torch.equal(got[name], model.get_submodule(name).weight), name
+    replaced = nn.Linear(4, 4)  # what bitsandbytes leaves in place of a Conv1D (it records source_cls)
+    replaced.source_cls = Conv1D
+    assert _stored_transposed(replaced) and not _stored_transposed(nn.Linear(4, 4))
 
 
 class FillAZero(TrainerCallback):
@@ -268,7 +320,7 @@ def test_nf4_base_trains_and_the_adapter_merges_onto_the_full_precision_base(tmp
     base_dir = save_tiny_base(tmp_path / "base")
     t = _nf4_trainer(tmp_path, base_dir)
     layer = t.model.model.layers[0].self_attn.q_proj
-    assert type(layer.base_layer).__name__ == "Linear4bit" and layer.spp_alpha.dtype == torch.float32
+    assert type(layer.base_layer).__name__ == "Linear4bit" and layer.spp_alpha["default"].dtype == torch.float32
     t.train()
     assert t.model.active_spp_config.mask_fingerprint != t.spp_start_fingerprint  # NF4 rounds a few weights to 0
     t.save_model()
