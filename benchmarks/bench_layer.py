@@ -1,11 +1,13 @@
 """Forward+backward time and saved-activation memory of one wrapped linear layer, side by side.
 
 Shapes are LLaMA-7B's (4096×4096 attention, 11008×4096 MLP), float32 on the CPU. Compared: the frozen
-base linear alone (the floor: forward + dX), SPP naive / blocked / fused, and PEFT LoRA r=8 on the same
+base linear alone (the floor: forward + dX), SPP naive / blocked / fused, masked LoRA r=8 fused (LoRA
+whose update is multiplied by the zero mask, `spp_hf.masked_lora`) and PEFT LoRA r=8 on the same
 layer. Input gradients are always computed, as inside a network. Prints absolute numbers and ratios.
 
     python benchmarks/bench_layer.py            # the full table (several minutes on 2 cores)
     python benchmarks/bench_layer.py --quick    # small shapes, a smoke run
+    python benchmarks/bench_layer.py --kinds base "masked lora r=8" "lora r=8"   # a subset
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ import time
 import torch
 from torch import nn
 
-from spp_hf import SPPLinear
+from spp_hf import SPPConfig, SPPLinear
+from spp_hf.masked_lora import init_masked_lora, masked_lora_fused
+
+KINDS = ["base", "spp naive", "spp blocked", "spp fused", "masked lora r=8", "lora r=8"]
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
     """The (out, in) weight of a base, SPP or PEFT-wrapped layer."""
-    if isinstance(layer, SPPLinear):
+    if isinstance(layer, (SPPLinear, MaskedLoRALinear)):
         return layer.base_layer.weight
     if hasattr(layer, "base_model"):
         return layer.base_model.model.proj.base_layer.weight
@@ -38,6 +43,21 @@ class _Holder(nn.Module):
         return self.proj(x)
 
 
+class MaskedLoRALinear(nn.Module):
+    """A frozen linear layer with a masked-LoRA adapter on the fused path (the math alone, no adapter
+    machinery): Y = X Wᵀ + b + s·X ((B A) ⊙ (W ≠ 0))ᵀ."""
+
+    def __init__(self, base_layer: nn.Linear, r: int = 8, lora_alpha: float = 16) -> None:
+        super().__init__()
+        self.base_layer, self.scale = base_layer.requires_grad_(False), lora_alpha / r
+        lora_A, lora_B = init_masked_lora(r, base_layer.in_features, base_layer.out_features)
+        self.lora_A, self.lora_B = nn.Parameter(lora_A), nn.Parameter(lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return masked_lora_fused(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scale)
+
+
 def make_layer(kind: str, base: nn.Linear) -> nn.Module:
     if kind == "base":
         return base.requires_grad_(False)
@@ -45,7 +65,13 @@ def make_layer(kind: str, base: nn.Linear) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
         return get_peft_model(_Holder(base), LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
-    return SPPLinear(base, r=16, scale=2.0, impl=kind.split()[-1])
+    if kind == "masked lora r=8":
+        layer = MaskedLoRALinear(base, r=8, lora_alpha=16)
+        nn.init.normal_(layer.lora_B, std=0.01)  # a trained adapter: B ≠ 0
+        return layer
+    layer = SPPLinear(base, "default", SPPConfig(r=16, scale=2.0, impl=kind.split()[-1]))
+    nn.init.normal_(layer.spp_beta["default"], std=0.01)  # a trained adapter: β ≠ 0
+    return layer
 
 
 def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
@@ -85,13 +111,19 @@ def interleaved_times(layers: dict[str, nn.Module], x: torch.Tensor, grad: torch
     return {k: (statistics.median(v), statistics.median(a / b for a, b in zip(v, base))) for k, v in times.items()}
 
 
+def relative(ratio: float, timed: dict[str, tuple[float, float]], to: str) -> str:
+    """ratio as a multiple of another layer's ratio to the base, or '-' when that layer was not run."""
+    return f"{ratio / timed[to][1]:.2f}" if to in timed else "-"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=KINDS, help="layers to compare (base is always run)")
     args = parser.parse_args()
     shapes = [(1024, 1024, 256)] if args.quick else [(4096, 4096, 512), (11008, 4096, 512), (4096, 4096, 2048), (11008, 4096, 2048)]
-    kinds = ["base", "spp naive", "spp blocked", "spp fused", "lora r=8"]
+    kinds = ["base", *(k for k in args.kinds if k != "base")]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, float32, forward+backward (dX and adapter grads)")
     for m, n, tokens in shapes:
         torch.manual_seed(0)
@@ -105,15 +137,15 @@ def main() -> None:
             layers[kind] = make_layer(kind, nn.Linear(n, m, bias=False).requires_grad_(False))
             with torch.no_grad():
                 dense_weight(layers[kind]).copy_(base.weight)
-            if kind.startswith("spp"):
-                nn.init.normal_(layers[kind].spp_beta, std=0.01)
         saved = {kind: saved_bytes(layer, x) for kind, layer in layers.items()}
         timed = interleaved_times(layers, x, grad, args.reps)
-        r_naive, r_lora = timed["spp naive"][1], timed["lora r=8"][1]
         print(f"\nW {m}x{n}, {tokens} tokens (ratios: median over {args.reps} interleaved rounds)")
-        print(f"{'impl':<12} {'ms/step':>9} {'x base':>7} {'x naive':>8} {'x lora':>7} {'saved MiB':>10}")
+        print(f"{'impl':<16} {'ms/step':>9} {'x base':>7} {'x naive':>8} {'x lora':>7} {'saved KiB':>10}")
         for kind, (t, ratio) in timed.items():
-            print(f"{kind:<12} {t * 1e3:>9.1f} {ratio:>7.2f} {ratio / r_naive:>8.2f} {ratio / r_lora:>7.2f} {saved[kind] / 2**20:>10.2f}")
+            print(
+                f"{kind:<16} {t * 1e3:>9.1f} {ratio:>7.2f} {relative(ratio, timed, 'spp naive'):>8} "
+                f"{relative(ratio, timed, 'lora r=8'):>7} {saved[kind] / 2**10:>10.1f}"
+            )
         del layers
 
 

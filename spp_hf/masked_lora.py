@@ -35,7 +35,8 @@ from .layer import _accumulate, _scratch, compute_dtype
 def check_shapes(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
     """Raise a ValueError naming the fix unless A is (r × in) and B is (out × r) for the (out × in) W."""
     m, n = weight.shape
-    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != n or lora_B.shape[0] != m or lora_A.shape[0] != lora_B.shape[1]:
+    ok = lora_A.dim() == lora_B.dim() == 2 and lora_A.shape[1] == n and lora_B.shape[0] == m
+    if not ok or lora_A.shape[0] != lora_B.shape[1]:
         raise ValueError(
             f"Masked LoRA needs lora_A of shape (r, in_features={n}) and lora_B of shape (out_features={m}, r) "
             f"for a weight of shape (out, in) = {tuple(weight.shape)}; got lora_A {tuple(lora_A.shape)}, "
@@ -44,7 +45,11 @@ def check_shapes(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
 
 
 def init_masked_lora(
-    r: int, in_features: int, out_features: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    r: int,
+    in_features: int,
+    out_features: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) as LoRA initialises them: A (r × in) kaiming-uniform with a=√5, B (out × r) zeros, so the
     adapted layer starts equal to the base."""
@@ -65,7 +70,9 @@ def masked_lora_delta(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
     return torch.where(weight != 0, delta, torch.zeros((), dtype=dtype, device=delta.device))
 
 
-def masked_lora_merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+def masked_lora_merged_weight(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float
+) -> torch.Tensor:
     """W + s·(B A) ⊙ M in `compute_dtype` (float32 for float32/bf16/fp16 bases and adapters), unchecked.
 
     Where W is zero the result is W's own element (same bits, sign included), so the merge cannot fill
@@ -78,7 +85,9 @@ def masked_lora_merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B
     return torch.where(weight != 0, w + scale * delta, w)
 
 
-def masked_lora_branch_naive(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+def masked_lora_branch_naive(
+    x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
+) -> torch.Tensor:
     """X ((B A) ⊙ M)ᵀ with the masked update materialised, in x's dtype (unscaled, no dropout)."""
     return F.linear(x, masked_lora_delta(weight, lora_A, lora_B).to(x.dtype))
 
@@ -100,7 +109,9 @@ def masked_lora_fused(
     """The same Y as `masked_lora_forward_naive` by `_FusedMaskedLoRA` (W must be frozen and dense)."""
     check_shapes(weight, lora_A, lora_B)
     if weight.requires_grad:
-        raise ValueError("The fused masked-LoRA path trains only A and B: freeze the base weight (requires_grad_(False)).")
+        raise ValueError(
+            "The fused masked-LoRA path trains only A and B: freeze the base weight (requires_grad_(False))."
+        )
     return _FusedMaskedLoRA.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p)
 
 
@@ -201,8 +212,8 @@ class _FusedMaskedLoRA(torch.autograd.Function):
                         grad_branch = _accumulate(grad_branch, g_c, masked.to(g.dtype))
                 if need_A or need_B:
                     # Q = (Gᵀ X_branch) ⊙ M for these rows; dB = s·Q Aᵀ, dA = s·Σ Bᵀ Q
-                    prod = torch.mm(g_c.t(), x_branch, out=_scratch("masked_lora_grad", stop - start, n, x.dtype, x.device))
-                    prod = prod.to(cdtype)
+                    buf = _scratch("masked_lora_grad", stop - start, n, x.dtype, x.device)
+                    prod = torch.mm(g_c.t(), x_branch, out=buf).to(cdtype)
                     q = torch.mul(prod, mask, out=reuse(prod))
                     if need_B:
                         grad_B_rows.append(q @ a.t())
