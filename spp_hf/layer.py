@@ -541,6 +541,10 @@ def _spp_settings(config: Any) -> dict[str, Any]:
     return dict(r=config.r, scale=config.scale, dropout=config.dropout, impl=config.impl, use_beta=config.use_beta)
 
 
+def _spp_trainable(settings: dict[str, Any]) -> tuple[str, ...]:
+    return ("spp_alpha", "spp_beta") if settings["use_beta"] else ("spp_alpha",)
+
+
 def _spp_init(layer: SPPLinear, config: Any, device: torch.device) -> dict[str, torch.Tensor]:
     """α kaiming-uniform and β zero (the paper), or α zero and β kaiming/ones (zero_init="alpha")."""
     dtype = getattr(torch, config.adapter_dtype)
@@ -586,7 +590,7 @@ def _register_spp_kind() -> None:
             setting_names=("r", "scale", "dropout", "impl", "use_beta"),
             settings=_spp_settings,
             init=_spp_init,
-            trainable=lambda s: ("spp_alpha", "spp_beta") if s["use_beta"] else ("spp_alpha",),
+            trainable=_spp_trainable,
             forward=_spp_forward,
             merged_weight=_spp_merged_weight,
         )

@@ -75,7 +75,7 @@ FSDP2_WORKER = textwrap.dedent(
             model = get_spp_model(tiny_pruned_base(), SPPConfig(r=4, impl=impl))
             with torch.no_grad():  # non-zero β so that α gets gradients too
                 for _, layer in model.spp_layers():
-                    layer.spp_beta.normal_(0, 0.1)
+                    layer.adapter_parameters()["spp_beta"].normal_(0, 0.1)
             return model
 
         torch.manual_seed(1)
@@ -98,7 +98,7 @@ FSDP2_WORKER = textwrap.dedent(
         out = model(input_ids=half, labels=half)
         out.loss.backward()  # FSDP2 averages gradients over the ranks
         for name, param in model.named_parameters():
-            if name.endswith(("spp_alpha", "spp_beta")):
+            if name.endswith(("spp_alpha.default", "spp_beta.default")):
                 grad = param.grad.full_tensor()
                 torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-7)
             else:
