@@ -263,14 +263,20 @@ class AdapterFiles:
     card: str | None = None
 
 
-def config_sha256(config_bytes: bytes) -> str:
-    return hashlib.sha256(config_bytes).hexdigest()
+# Fields that only say where the base lives: re-keying an adapter to a pushed base (or fixing a moved
+# base by hand) changes them without touching what the weights mean, so they are left out of the hash.
+BASE_POINTER_FIELDS = ("base_model_name_or_path", "base_model_revision")
+
+
+def config_sha256(config: dict[str, Any]) -> str:
+    """sha256 of a config without its base pointers: what the weights file records to pair the two."""
+    return hashlib.sha256(json_bytes({k: v for k, v in config.items() if k not in BASE_POINTER_FIELDS})).hexdigest()
 
 
 def _write_adapter_into(folder: Path, files: AdapterFiles, metadata: Mapping[str, str] | None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     config_bytes = json_bytes(files.config)
-    meta = {"format": "pt", **(metadata or {}), CONFIG_HASH_KEY: config_sha256(config_bytes)}
+    meta = {"format": "pt", **(metadata or {}), CONFIG_HASH_KEY: config_sha256(files.config)}
     # weights first: in a folder written in place, a crash then leaves new weights with the old config,
     # which the recorded hash rejects, instead of a config that silently names other weights
     atomic_save_safetensors(files.tensors, folder / WEIGHTS_NAME, metadata=meta)
@@ -362,11 +368,12 @@ def read_adapter_files(directory: str | os.PathLike) -> tuple[dict[str, Any], di
             f"{weights_path} is corrupt or not a safetensors file ({err}); save or download the adapter again."
         ) from None
     recorded = metadata.get(CONFIG_HASH_KEY)
-    if recorded is not None and recorded != config_sha256(config_bytes):
+    if recorded is not None and recorded != config_sha256(config):
         raise ValueError(
             f"{config_path} and {weights_path.name} come from two different saves (the weights record config "
-            f"sha256 {recorded[:12]}, the config has {config_sha256(config_bytes)[:12]}): a save was interrupted. "
-            "Save the adapter again, or resume from an earlier checkpoint."
+            f"sha256 {recorded[:12]}, the config has {config_sha256(config)[:12]}): a save was interrupted, or the "
+            "config was edited beyond its base_model_name_or_path/base_model_revision. Save the adapter again, or "
+            "resume from an earlier checkpoint."
         )
     return config, tensors
 

@@ -496,7 +496,7 @@ def merge_to_folder(
     """
     from .cards import render_merged_card
     from .config import SPPConfig
-    from .model import SPPModel, resolve_adapter
+    from .loading import SPPModel, resolve_adapter
 
     out = Path(out)
     if isinstance(torch_dtype, str) and torch_dtype != "auto":

@@ -1,9 +1,11 @@
 """`publish_run`: push a whole `spp-hf run` folder to the Hub as repos that name each other.
 
-    runs/<name>/pruned            -> ORG/NAME                 (pruned base)
-    runs/<name>/spp/adapter       -> ORG/NAME-spp             (adapter re-keyed to ORG/NAME at the pushed commit)
-    runs/<name>/spp/merged        -> ORG/NAME-spp-merged      (with merged=True)
-    runs/<name>/<method>/merged   -> ORG/NAME-<method>-merged (other trained methods, e.g. lora_star)
+    runs/<name>/pruned                   -> ORG/NAME                 (pruned base)
+    runs/<name>/spp_s0/adapter           -> ORG/NAME-spp             (adapter re-keyed to ORG/NAME at the pushed commit)
+    runs/<name>/spp_s0/merged            -> ORG/NAME-spp-merged      (with merged=True)
+    runs/<name>/<method>_s<seed>/merged  -> ORG/NAME-<method>-merged (other trained methods, e.g. lora_star)
+
+A method trained at several seeds keeps the seed in its repo names (ORG/NAME-spp_s1, ...).
 
 Everything is checked before the first push: the adapter and every merged model have the pruned
 base's zeros. Between the pushes the adapter is keyed to the base commit just pushed, after checking
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,17 +52,26 @@ class PublishedRepo:
 
 
 @dataclass
+class RunVariant:
+    """One trained variant of a run: its folder, method, and the adapter / merged model it wrote."""
+
+    folder: Path
+    method: str
+    adapter: Path | None
+    merged: Path | None
+
+
+@dataclass
 class RunArtifacts:
     """The publishable folders of a run."""
 
     pruned: Path
-    adapter: Path | None
-    merged: dict[str, Path]  # method ("spp", "lora_star", ...) -> its merged model folder
+    variants: dict[str, RunVariant]  # repo-name suffix ("spp", "lora_star", "spp_s1", ...) -> variant
     dense_model: str | None  # the Hub id of the model that was pruned, when the run names one
 
 
 def run_artifacts(run_dir: str | os.PathLike) -> RunArtifacts:
-    """Find the pruned base, the SPP adapter and the merged models of a run folder."""
+    """Find the pruned base and every variant's adapter and merged model in a run folder."""
     run = Path(run_dir)
     pruned = run / "pruned"
     if read_sparsity_json(pruned) is None:
@@ -67,9 +79,16 @@ def run_artifacts(run_dir: str | os.PathLike) -> RunArtifacts:
             f"{pruned} has no {SPARSITY_NAME}: {run} is not a finished `spp-hf run` folder. Run `spp-hf run` first, or "
             "push single folders with `spp-hf push`."
         )
-    adapter = run / "spp" / "adapter"
-    merged = {p.parent.name: p for p in sorted(run.glob("*/merged")) if (p / "config.json").is_file()}
-    return RunArtifacts(pruned, adapter if (adapter / CONFIG_NAME).is_file() else None, merged, _dense_model(run))
+    found = []
+    for folder in sorted(p for p in run.iterdir() if p.is_dir() and p.name != "pruned"):
+        adapter, merged = folder / "adapter", folder / "merged"
+        adapter = adapter if (adapter / CONFIG_NAME).is_file() else None
+        merged = merged if (merged / "config.json").is_file() else None
+        if adapter or merged:
+            found.append(RunVariant(folder, re.sub(r"_s\d+$", "", folder.name), adapter, merged))
+    methods = [v.method for v in found]
+    variants = {(v.method if methods.count(v.method) == 1 else v.folder.name): v for v in found}
+    return RunArtifacts(pruned, variants, _dense_model(run))
 
 
 def _dense_model(run: Path) -> str | None:
@@ -105,48 +124,59 @@ def publish_run(
     base_fp = sparsity_fingerprint(base_data)
     if base_fp is None:
         raise ValueError(f"{found.pruned / SPARSITY_NAME} records no mask fingerprint; prune again with spp-hf.")
-    adapter = read_adapter_files(found.adapter) if found.adapter is not None else None
-    if adapter is not None:
-        problems = zero_mask_differences(adapter[0].get("mask_fingerprint") or {}, base_fp)
-        if problems or not adapter[0].get("mask_fingerprint"):
-            raise ValueError(
-                f"The adapter {found.adapter} was not trained on {found.pruned} ({'; '.join(problems[:3]) or 'no fingerprint'})"
-                "; nothing was pushed. Publish a run whose adapter was trained on its own pruned base."
-            )
-    merged_records = {m: _merged_record(p, m, base_fp) for m, p in found.merged.items() if merged}
-    roots = _local_roots(run, found)
+    adapters = {suffix: _checked_adapter(v.adapter, found.pruned, base_fp) for suffix, v in found.variants.items() if v.adapter}
+    records = {suffix: _merged_record(v.merged, v.method, base_fp) for suffix, v in found.variants.items() if v.merged and merged}
+    roots = _local_roots(run)
     published = []
     with tempfile.TemporaryDirectory(prefix="spp-publish-") as tmp:
         mirror = _base_mirror(found.pruned, Path(tmp) / "pruned", base_data, dense, names, roots)
         commit = push_folder(mirror, repo_id, private=private, token=token, commit_message="Upload pruned base with spp-hf")
         published.append(PublishedRepo("pruned base", found.pruned, repo_id, commit.oid))
-        if adapter is not None:
+        for suffix, adapter in adapters.items():
             sha = verified_base(repo_id, commit.oid, adapter[0]["mask_fingerprint"], token)
-            mirror = _adapter_mirror(adapter, Path(tmp) / "adapter", names, sha, run, roots)
-            pushed = push_folder(mirror, names["spp"], private=private, token=token, commit_message="Upload SPP adapter")
-            published.append(PublishedRepo("SPP adapter", found.adapter, names["spp"], pushed.oid))
-        for method, record in merged_records.items():
-            repo = names[f"{method}-merged"]
-            mirror = _merged_mirror(found.merged[method], Path(tmp) / method, method, record, names, commit.oid, roots)
-            pushed = push_folder(mirror, repo, private=private, token=token, commit_message=f"Upload merged {method} model")
-            published.append(PublishedRepo(f"merged {method} model", found.merged[method], repo, pushed.oid))
+            mirror = _adapter_mirror(adapter, Path(tmp) / suffix, names, suffix, sha, roots)
+            pushed = push_folder(mirror, names[suffix], private=private, token=token, commit_message=f"Upload {suffix} adapter")
+            published.append(PublishedRepo(f"{suffix} adapter", found.variants[suffix].adapter, names[suffix], pushed.oid))
+        for suffix, record in records.items():
+            variant, own = found.variants[suffix], f"{suffix}-merged"
+            mirror = _merged_mirror(variant, Path(tmp) / own, suffix, record, names, commit.oid, roots)
+            pushed = push_folder(mirror, names[own], private=private, token=token, commit_message=f"Upload merged {suffix} model")
+            published.append(PublishedRepo(f"merged {suffix} model", variant.merged, names[own], pushed.oid))
     return published
 
 
+def _checked_adapter(folder: Path, pruned: Path, base_fp: dict) -> tuple[dict, dict]:
+    """An adapter's (config, tensors), refused unless it was trained on the run's pruned base."""
+    config, tensors = read_adapter_files(folder)
+    problems = zero_mask_differences(config.get("mask_fingerprint") or {}, base_fp)
+    if problems or not config.get("mask_fingerprint"):
+        raise ValueError(
+            f"The adapter {folder} was not trained on {pruned} ({'; '.join(problems[:3]) or 'no mask fingerprint'}); "
+            "nothing was pushed. Publish a run whose adapters were trained on its own pruned base."
+        )
+    return config, tensors
+
+
 def _repo_names(repo_id: str, found: RunArtifacts, merged: bool) -> dict[str, str]:
+    """Keys "base", "<suffix>" (adapters) and "<suffix>-merged" -> repo ids."""
     if not is_hub_id(repo_id) or "/" not in repo_id:
         raise ValueError(f"{repo_id!r} is not a Hub repo id; pass ORG/NAME (the base's repo; the others get suffixes).")
     names = {"base": repo_id}
-    if found.adapter is not None:
-        names["spp"] = f"{repo_id}-spp"
-    if merged:
-        names.update({f"{m}-merged": f"{repo_id}-{m}-merged" for m in found.merged})
+    for suffix, variant in found.variants.items():
+        if variant.adapter:
+            names[suffix] = f"{repo_id}-{suffix}"
+        if variant.merged and merged:
+            names[f"{suffix}-merged"] = f"{repo_id}-{suffix}-merged"
     return names
 
 
 def _related(names: dict[str, str], own: str) -> list[tuple[str, str]]:
-    labels = {"base": "Pruned base", "spp": "SPP adapter"}
-    return [(labels.get(key, f"Merged {key.removesuffix('-merged')} model"), repo) for key, repo in names.items() if key != own]
+    def label(key: str) -> str:
+        if key == "base":
+            return "Pruned base"
+        return f"Merged {key.removesuffix('-merged')} model" if key.endswith("-merged") else f"{key} adapter"
+
+    return [(label(key), repo) for key, repo in names.items() if key != own]
 
 
 def _merged_record(folder: Path, method: str, base_fp: dict) -> dict:
@@ -162,7 +192,7 @@ def _merged_record(folder: Path, method: str, base_fp: dict) -> dict:
     return {**(read_sparsity_json(folder) or {}), **record, "method": method}
 
 
-def _local_roots(run: Path, found: RunArtifacts) -> set[str]:
+def _local_roots(run: Path) -> set[str]:
     roots = {str(run.resolve()), str(Path.cwd().resolve()), str(Path.home().resolve())}
     return {r for r in roots if r != os.sep}
 
@@ -213,32 +243,32 @@ def _base_mirror(folder: Path, mirror: Path, data: dict, dense: str | None, name
     return _mirror(folder, mirror, {SPARSITY_NAME: json_bytes(public), README_NAME: card.encode()}, roots)
 
 
-def _adapter_mirror(adapter: tuple[dict, dict], mirror: Path, names: dict, sha: str, run: Path, roots: set[str]) -> Path:
+def _adapter_mirror(adapter: tuple[dict, dict], mirror: Path, names: dict, suffix: str, sha: str, roots: set[str]) -> Path:
     from .artifacts import AdapterFiles
     from .cards import render_adapter_card
     from .config import SPPConfig
 
     config, tensors = adapter
     config = {**_public(config, {}), "base_model_name_or_path": names["base"], "base_model_revision": sha}
-    card = render_adapter_card(SPPConfig.from_dict(config), repo_id=names["spp"], related=_related(names, "spp"))
+    card = render_adapter_card(SPPConfig.from_dict(config), repo_id=names[suffix], related=_related(names, suffix))
     write_adapters(mirror, {"": AdapterFiles(config, tensors, card)})
-    return _mirror(mirror, mirror.parent / "adapter-checked", {}, roots)
+    return _mirror(mirror, mirror.parent / f"{suffix}-checked", {}, roots)
 
 
 def _merged_mirror(
-    folder: Path, mirror: Path, method: str, record: dict, names: dict, base_sha: str, roots: set[str]
+    variant: RunVariant, mirror: Path, suffix: str, record: dict, names: dict, base_sha: str, roots: set[str]
 ) -> Path:
     from .cards import render_baseline_merged_card, render_merged_card
     from .config import SPPConfig
 
-    own = f"{method}-merged"
-    mapping = {str(folder.resolve()): names[own]}
-    record = {**_public(record, mapping), "base_model": names["base"], "base_model_revision": base_sha}
-    if method == "spp" and "spp" in names:
-        adapter_config = read_adapter_files(folder.parent / "adapter")[0]
+    own = f"{suffix}-merged"
+    record = {**_public(record, {str(variant.merged.resolve()): names[own]}), "base_model": names["base"],
+              "base_model_revision": base_sha}  # fmt: skip
+    if variant.adapter is not None and suffix in names:
+        adapter_config = read_adapter_files(variant.adapter)[0]
         config = SPPConfig.from_dict({**adapter_config, "base_model_name_or_path": names["base"], "base_model_revision": base_sha})
-        record.update(adapter=names["spp"], spp_config=config.to_dict())
-        card = render_merged_card(config, record, repo_id=names[own], adapter=names["spp"], related=_related(names, own))
+        record.update(adapter=names[suffix], spp_config=config.to_dict())
+        card = render_merged_card(config, record, repo_id=names[own], adapter=names[suffix], related=_related(names, own))
     else:
-        card = render_baseline_merged_card(method, names["base"], record, repo_id=names[own], related=_related(names, own))
-    return _mirror(folder, mirror, {SPARSITY_NAME: json_bytes(record), README_NAME: card.encode()}, roots)
+        card = render_baseline_merged_card(variant.method, names["base"], record, repo_id=names[own], related=_related(names, own))
+    return _mirror(variant.merged, mirror, {SPARSITY_NAME: json_bytes(record), README_NAME: card.encode()}, roots)

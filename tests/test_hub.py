@@ -25,7 +25,14 @@ from transformers import AutoModelForCausalLM
 from spp_hf import SPPConfig, SPPMismatchError, SPPModel, get_spp_model
 from spp_hf.cards import render_pruned_base_card
 from spp_hf.cli import main as cli_main
-from spp_hf.hub import SPPHubError, base_model_errors, download_adapter, push_adapter, push_folder
+from spp_hf.hub import (
+    SPPHubError,
+    base_model_errors,
+    download_adapter,
+    push_adapter,
+    push_adapter_folder,
+    push_folder,
+)
 from spp_hf.sparsity import fingerprint_modules, iter_linear_weights, sparsity_report
 
 BASE = "user/tiny-wanda24"
@@ -124,8 +131,8 @@ def test_adapter_round_trip_on_empty_cache(hub, tmp_path, monkeypatch):  # noqa:
 
     model = trained_from_hub()
     commit = push_adapter(model, ADAPTER)
-    cfg = model.active_spp_config
-    assert (cfg.base_model_name_or_path, cfg.base_model_revision) == (BASE, base_sha)
+    pushed = json.loads(hub.state.repo(ADAPTER).resolve("main").files["spp_config.json"])
+    assert (pushed["base_model_name_or_path"], pushed["base_model_revision"]) == (BASE, base_sha)  # pinned at push
     assert files_at(hub, ADAPTER) == {".gitattributes", "spp_config.json", "spp_adapter.safetensors", "README.md"}
     assert hub.state.repo(ADAPTER).branches["main"] == commit.oid
     local_logits = copy.deepcopy(model).merge_and_unload()(IDS).logits
@@ -278,8 +285,13 @@ def test_base_errors_name_the_fix(hub, tmp_path, monkeypatch):  # noqa: F811
             AutoModelForCausalLM.from_pretrained(BASE, revision=missing)
     # An adapter whose recorded base is gone: SPPModel.from_pretrained names that base and the way out.
     model = trained_from_hub()
-    model.active_spp_config.base_model_name_or_path = "user/deleted-base"
-    push_adapter(model, ADAPTER)
+    model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "spp_config.json").read_text())
+    config["base_model_name_or_path"] = "user/deleted-base"  # what the repo says after its base was deleted
+    (tmp_path / "adapter" / "spp_config.json").write_text(json.dumps(config))
+    with pytest.raises(SPPHubError, match=r"(?s)'user/deleted-base' was not found"):
+        push_adapter_folder(tmp_path / "adapter", ADAPTER)  # push checks the base first
+    push_folder(tmp_path / "adapter", ADAPTER)
     with pytest.raises(SPPHubError, match=r"(?s)'user/deleted-base' was not found.*base_model="):
         SPPModel.from_pretrained(ADAPTER)
 
