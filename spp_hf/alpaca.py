@@ -6,9 +6,11 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
-_DATA = Path(__file__).resolve().parent / "data"
-BUNDLED_ALPACA = _DATA / "alpaca" / "alpaca_sample_500.json"
-BUNDLED = {"bundled": BUNDLED_ALPACA, "c4-sample": _DATA / "calib" / "c4_demo.jsonl"}
+from .corpora import CORPORA, DATA_DIR, documents
+
+BUNDLED_ALPACA = DATA_DIR / "alpaca" / "alpaca_sample_500.json"
+# Every name of data shipped with spp-hf (the corpora are parts of files: see spp_hf.corpora).
+BUNDLED = {"bundled": BUNDLED_ALPACA, **{name: path for name, (path, _, _) in CORPORA.items()}}
 
 PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -29,11 +31,13 @@ def alpaca_prompt(instruction: str, input: str | None = None) -> str:
 
 
 def load_records(name: str, split: str = "train") -> Dataset:
-    """Rows of a local JSON/JSONL file, of a bundled sample ('bundled', 'c4-sample'), or of a Hub dataset."""
+    """Rows of a local JSON/JSONL file, of bundled data ('bundled', or a corpus of `spp_hf.corpora`), or of a Hub dataset."""
+    if name in CORPORA:
+        return Dataset.from_dict({"text": documents(name)})
     path = Path(BUNDLED.get(name, name)).expanduser()
     if path.is_file():
         return load_dataset("json", data_files=str(path), split="train")
-    if path.suffix in (".json", ".jsonl"):
+    if path.suffix in (".json", ".jsonl", ".gz"):
         raise FileNotFoundError(f"Training data file {path} does not exist.")
     return load_dataset(name, split=split)
 

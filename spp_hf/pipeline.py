@@ -1,13 +1,16 @@
-"""`spp-hf run`: prune → SPP-train → merge → evaluate (with the LoRA* baseline) → report.
+"""`spp-hf run`: prune → train every recovery method → merge → evaluate → report.
 
-Every stage writes a folder a user could publish, and is skipped when its output already exists, so
-an interrupted run resumes where it stopped (training resumes from its last checkpoint):
+Every method (`spp_hf.methods`: SPP, LoRA*, masked full fine-tuning, ...) trains on the same pruned
+base with the same data, steps and evaluation, at one or more seeds. Every stage writes a folder a
+user could publish, and is skipped when its output already exists, so an interrupted run resumes where
+it stopped (training resumes from its last checkpoint):
 
-    runs/<name>/pruned/            the pruned base (checkpoint + sparsity.json + card)
-    runs/<name>/spp/adapter/       the SPP adapter (α/β only), spp/train/ holds its checkpoints
-    runs/<name>/spp/merged/        the merged, still-sparse model
-    runs/<name>/lora_star/merged/  LoRA trained on the same data, merged, pruning mask re-applied
-    runs/<name>/eval/<variant>.json
+    runs/<name>/pruned/                  the pruned base (checkpoint + sparsity.json + card)
+    runs/<name>/data/                    the calibration documents the pruning used
+    runs/<name>/<method>_s<seed>/train/  checkpoints, loss_history.json, metrics.json
+    runs/<name>/<method>_s<seed>/adapter/  the adapter (adapter methods: SPP)
+    runs/<name>/<method>_s<seed>/merged/   the merged model, with the pruned base's exact zeros
+    runs/<name>/eval/<variant>.json      WikiText-2 and held-out perplexities, zero-shot accuracy
     runs/<name>/report.md (+ PNG plots)
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import math
@@ -29,17 +33,20 @@ import torch
 
 from .config import DEFAULT_TARGETS
 from .files import atomic_write_text
+from .methods import Zeros, get_method, linear_zeros, load_plain
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("dense", "pruned", "spp", "lora_star")
+BASELINES = ("dense", "pruned")
 
 
 @dataclass
 class PruneSettings:
     method: str = "wanda"
     sparsity: str = "2:4"
-    calibration: str | None = None  # None: the bundled C4 sample
+    # A bundled corpus name (`spp_hf.corpora`; 'c4-sample' is the calibration half of the bundled C4
+    # sample, disjoint from the held-out 'c4-heldout'), a local text/jsonl file or a Hub dataset id.
+    calibration: str = "c4-sample"
     nsamples: int = 32
     seqlen: int = 512
     seed: int = 0
@@ -47,16 +54,20 @@ class PruneSettings:
 
 @dataclass
 class TrainSettings:
-    # 'bundled' (500 Alpaca examples), 'c4-sample' (the bundled C4 text, packed), a local json/jsonl or a
-    # Hub id: rows with instruction/output get the Alpaca prompt, rows with only 'text' are packed as they are.
+    # 'bundled' (500 Alpaca examples), a bundled corpus ('wiki-pretrain', 'c4-sample': plain text, packed),
+    # a local json/jsonl(.gz) or a Hub id: rows with instruction/output get the Alpaca prompt, rows with only
+    # 'text' are packed as they are.
     data: str = "bundled"
     max_samples: int | None = None
     max_steps: int = 30
+    # The most passes over the training rows a run may make: a run whose steps need more raises before
+    # training (recovery must not fit repeated text); raise it to allow repeats on purpose.
+    max_epochs: float = 1.0
     batch_size: int = 4
     grad_accum: int = 1
     max_length: int = 256
-    # Higher than the paper's 4e-3 (a 3-epoch recipe): with β = 0 at the start and Adam, the weight change
-    # s·α·β grows roughly as s·(lr·t)², so a 30-step run needs a larger lr. Sweep on the default run
+    # SPP's lr. Higher than the paper's 4e-3 (a 3-epoch recipe): with β = 0 at the start and Adam, the weight
+    # change s·α·β grows roughly as s·(lr·t)², so a 30-step run needs a larger lr. Sweep on the default run
     # (WikiText-2 gap closed): 1e-2 35.4%, 2e-2 44.6%, 3e-2 46.0%.
     learning_rate: float = 3e-2
     warmup_ratio: float = 0.03
@@ -64,31 +75,38 @@ class TrainSettings:
     lr_scheduler_type: str = "cosine"
     r: int = 16
     scale: float = 2.0
-    dropout: float = 0.0
+    dropout: float = 0.0  # SPP's and LoRA's dropout
     impl: str = "auto"
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    seed: int = 0
+    seed: int = 0  # replaced by each variant's seed (see PipelineConfig.seeds)
     save_steps: int = 20
     gradient_checkpointing: bool = False  # TRL's default is True; a 135M model at 4 × 256 tokens does not need it
     # 0: the paper's language-modelling loss. > 0: distil from the dense model (`spp_hf.distill`), the
-    # same way for SPP and LoRA*: loss = (1 - w)·CE + w·KL(dense ‖ student).
+    # same way for every method: loss = (1 - w)·CE + w·KL(dense ‖ student).
     distill_weight: float = 0.0
 
 
 @dataclass
 class LoraSettings:
-    enabled: bool = True
     r: int = 8
     lora_alpha: int = 16
     learning_rate: float = 3e-3  # the better of 1e-3 (39.2% gap closed) and 3e-3 (44.8%) on the default run
 
 
 @dataclass
+class MaskedFullSettings:
+    learning_rate: float = 5e-5  # a common full fine-tuning lr for a model this size; tune on wiki-validation
+
+
+@dataclass
 class EvalSettings:
     ppl_seqlen: int = 1024
-    ppl_windows: int | None = 8
+    ppl_windows: int | None = 8  # WikiText-2 test windows
+    # Perplexity on texts that no stage trains or calibrates on (bundled corpora; 'none' for none).
+    heldout: str = "wiki-validation,c4-heldout"
+    heldout_windows: int | None = 4  # the default run is a quick demo; the recovery configs use 16
     tasks: str = "spp_arc_easy,spp_copa"
-    limit: int | None = 20
+    limit: int | None = 20  # questions per task (None: all the bundled task has, 200 or 100 for COPA)
     batch_size: int = 8
 
 
@@ -99,9 +117,16 @@ class PipelineConfig:
     name: str = "default"
     model: str = "smollm2"  # a path, a Hub id, or 'smollm2' (the offline SmolLM2-135M)
     output_dir: str = "runs"
+    # Recovery methods to compare (names in spp_hf.methods.METHODS, or of `variants` below).
+    methods: list[str] = field(default_factory=lambda: ["spp", "lora_star"])
+    seeds: list[int] = field(default_factory=lambda: [0])  # every method trains once per seed
+    method_seeds: dict[str, list[int]] = field(default_factory=dict)  # per-method seeds, e.g. {masked_full: [0]}
+    # Named variants of a method with other settings, e.g. {spp_dropout05: {method: spp, set: [train.dropout=0.05]}}
+    variants: dict[str, dict] = field(default_factory=dict)
     prune: PruneSettings = field(default_factory=PruneSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    masked_full: MaskedFullSettings = field(default_factory=MaskedFullSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     @property
@@ -185,6 +210,69 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+# --------------------------------------------------------------------------- variants
+@dataclass(frozen=True)
+class Variant:
+    """One training run of the comparison: a registered method at one seed, with its settings."""
+
+    name: str  # folder and evaluation name: <entry>_s<seed>
+    entry: str  # the `methods:` entry (a method or a variant name)
+    method: str  # the registered method
+    seed: int
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        base = get_method(self.method).label if self.entry == self.method else self.entry
+        return f"{base} s{self.seed}"
+
+
+def variants(cfg: PipelineConfig) -> list[Variant]:
+    """Every (method, seed) run the config asks for, checked before anything runs."""
+    entries = [cfg.methods] if isinstance(cfg.methods, str) else list(cfg.methods)
+    from .methods import METHODS
+
+    unknown_seeds = sorted(set(cfg.method_seeds) - set(entries) - set(METHODS) - set(cfg.variants))
+    if unknown_seeds:
+        raise ValueError(f"method_seeds names {unknown_seeds}, neither a method {sorted(METHODS)} nor a variant {sorted(cfg.variants)}.")
+    found = []
+    for entry in entries:
+        spec = cfg.variants.get(entry, {"method": entry})
+        extra = sorted(set(spec) - {"method", "set"})
+        if extra or "method" not in spec:
+            raise ValueError(f"variants.{entry} needs 'method' (and optionally 'set': [key=value, ...]); got keys {sorted(spec)}.")
+        get_method(spec["method"])
+        overrides = tuple([spec["set"]] if isinstance(spec.get("set"), str) else spec.get("set", []))
+        _variant_config(cfg, overrides, 0)  # unknown settings fail now, not after pruning
+        for seed in cfg.method_seeds.get(entry, cfg.seeds):
+            found.append(Variant(f"{entry}_s{seed}", entry, spec["method"], int(seed), overrides))
+    names = [v.name for v in found]
+    if len(set(names)) != len(names) or set(names) & set(BASELINES):
+        raise ValueError(f"Variant names must be unique and not {BASELINES}; got {names}.")
+    return found
+
+
+def _variant_config(cfg: PipelineConfig, overrides: tuple[str, ...], seed: int) -> PipelineConfig:
+    data = apply_overrides(dataclasses.asdict(cfg), [*overrides, f"train.seed={seed}"])
+    return PipelineConfig.from_dict(data)
+
+
+def check_data_separation(cfg: PipelineConfig) -> None:
+    """Held-out evaluation texts must be neither trained on nor used for calibration."""
+    heldout = set(_heldout_names(cfg))
+    used = {"train.data": cfg.train.data, "prune.calibration": cfg.prune.calibration}
+    clash = {k: v for k, v in used.items() if v in heldout}
+    if clash:
+        raise ValueError(
+            f"{clash} is also evaluated as held-out text (eval.heldout={cfg.eval.heldout!r}): train and calibrate on "
+            "'wiki-pretrain' / 'c4-sample' (or your own files), or drop it from eval.heldout."
+        )
+
+
+def _heldout_names(cfg: PipelineConfig) -> list[str]:
+    return [n for n in cfg.eval.heldout.replace(",", " ").split() if n != "none"]
+
+
 # --------------------------------------------------------------------------- helpers
 def _resolve_model(name: str) -> str:
     if name == "smollm2":
@@ -192,14 +280,6 @@ def _resolve_model(name: str) -> str:
 
         return str(smollm2_path())
     return name
-
-
-def _load(path: str | os.PathLike):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
 
 
 def _done(path: Path, what: str) -> bool:
@@ -246,21 +326,32 @@ def _train_data(cfg: PipelineConfig):
     return load_sft_data(cfg.train.data, max_samples=cfg.train.max_samples)
 
 
+def check_one_epoch(trainer, cfg: PipelineConfig) -> None:
+    """Raise before training when the steps would pass over the (packed) training rows more than train.max_epochs times."""
+    t = cfg.train
+    rows = len(trainer.train_dataset)
+    needed = t.max_steps * t.batch_size * t.grad_accum * max(1, trainer.args.world_size)
+    if needed > t.max_epochs * rows:
+        most = int(t.max_epochs * rows) // (t.batch_size * t.grad_accum * max(1, trainer.args.world_size))
+        raise ValueError(
+            f"train.max_steps={t.max_steps} needs {needed} sequences but {t.data!r} gives {rows} "
+            f"({needed / rows:.2f} epochs > train.max_epochs={t.max_epochs}): lower train.max_steps to at most {most}, "
+            "train on more text, or raise train.max_epochs to repeat it on purpose."
+        )
+
+
 def _distillation(cfg: PipelineConfig) -> dict[str, Any]:
     """Trainer arguments that make the dense model the teacher, or none for the plain LM loss."""
     if cfg.train.distill_weight <= 0:
         return {}
-    teacher, _ = _load(_resolve_model(cfg.model))
+    teacher, _ = load_plain(_resolve_model(cfg.model))
     return {"teacher_model": teacher, "distill_weight": cfg.train.distill_weight}
 
 
-def _last_checkpoint(output_dir: Path) -> bool:
-    return output_dir.is_dir() and any(p.name.startswith("checkpoint-") for p in output_dir.iterdir())
-
-
-def _loss_history(train_dir: Path) -> list[tuple[int, float]]:
-    path = train_dir / "loss_history.json"
-    return [tuple(x) for x in json.loads(path.read_text())] if path.exists() else []
+def _checkpoint_step(output_dir: Path) -> int:
+    """The step of the last checkpoint in `output_dir` (0: none, training starts afresh)."""
+    steps = [int(p.name.removeprefix("checkpoint-")) for p in output_dir.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()]
+    return max(steps, default=0)
 
 
 def _save_loss_history(trainer, train_dir: Path) -> None:
@@ -268,92 +359,72 @@ def _save_loss_history(trainer, train_dir: Path) -> None:
     atomic_write_text(train_dir / "loss_history.json", json.dumps(losses))
 
 
-def _masks(model) -> dict[str, torch.Tensor]:
-    from .sparsity import iter_linear_weights
-
-    return {name: (w == 0).clone() for name, w in iter_linear_weights(model)}
-
-
 # --------------------------------------------------------------------------- stages
 def stage_prune(cfg: PipelineConfig) -> Path:
-    from .alpaca import BUNDLED
     from .pruning import prune, save_pruned
 
     out = cfg.run_dir / "pruned"
     if _done(out / "sparsity.json", f"prune {cfg.model} with {cfg.prune.method} {cfg.prune.sparsity}"):
         return out
-    model, tokenizer = _load(_resolve_model(cfg.model))
+    model, tokenizer = load_plain(_resolve_model(cfg.model))
     p = cfg.prune
     report = prune(
-        model, method=p.method, sparsity=p.sparsity, calibration=p.calibration or str(BUNDLED["c4-sample"]),
+        model, method=p.method, sparsity=p.sparsity, calibration=_calibration_file(cfg),
         tokenizer=tokenizer, nsamples=p.nsamples, seqlen=p.seqlen, seed=p.seed,
     )  # fmt: skip
     save_pruned(model, tokenizer, out, report)
     return out
 
 
-def stage_spp(cfg: PipelineConfig, pruned: Path) -> Path:
-    """Train the SPP adapter on the pruned base, then merge it to a sparse checkpoint."""
-    from . import SPPConfig, SPPModel
-    from .cards import render_merged_card
-    from .sparsity import sparsity_report
-    from .trainer import SPPSFTTrainer
+def _calibration_file(cfg: PipelineConfig) -> str:
+    """A bundled corpus is written to runs/<name>/data/<corpus>.jsonl (the record of what calibrated); others pass through."""
+    from .corpora import CORPORA, documents
 
-    t = cfg.train
-    adapter, train_dir, merged = cfg.run_dir / "spp" / "adapter", cfg.run_dir / "spp" / "train", cfg.run_dir / "spp" / "merged"
-    if not _done(adapter / "spp_adapter.safetensors", f"SPP training ({t.max_steps} steps)"):
-        spp_config = SPPConfig(r=t.r, scale=t.scale, dropout=t.dropout, impl=t.impl, target_modules=list(t.target_modules))
-        data, packed = _train_data(cfg)
-        trainer = SPPSFTTrainer(
-            str(pruned), args=_training_args(cfg, train_dir, t.learning_rate, packed), train_dataset=data,
-            spp_config=spp_config, dataset_name=t.data, **_distillation(cfg),
-        )  # fmt: skip
-        start = time.perf_counter()
-        trainer.train(resume_from_checkpoint=_last_checkpoint(train_dir) or None)
-        _save_loss_history(trainer, train_dir)
-        atomic_write_text(train_dir / "train_seconds.json", json.dumps(time.perf_counter() - start))
-        trainer.save_model(str(adapter))
-    if not _done(merged / "config.json", "merge the SPP adapter"):
-        from transformers import AutoTokenizer
-
-        model = SPPModel.from_pretrained(adapter, base_model=str(pruned))
-        _check_same_zeros(pruned, model, "SPP merged")
-        config = SPPConfig.from_json_file(adapter / "spp_config.json")
-        card = render_merged_card(config, sparsity_report(model).to_dict())
-        _save_model_dir(model, AutoTokenizer.from_pretrained(pruned), merged, card)
-    return merged
+    name = cfg.prune.calibration
+    if name not in CORPORA:
+        return name
+    path = cfg.run_dir / "data" / f"{name}.jsonl"
+    atomic_write_text(path, "".join(json.dumps({"text": text}) + "\n" for text in documents(name)))
+    return str(path)
 
 
-def stage_lora_star(cfg: PipelineConfig, pruned: Path) -> Path:
-    """LoRA* (paper Table 5): LoRA on the same targets, data and steps, merged, then the mask re-applied."""
-    from peft import LoraConfig
-
-    from .distill import DistillSFTTrainer
-
-    t, lo = cfg.train, cfg.lora
-    train_dir, merged = cfg.run_dir / "lora_star" / "train", cfg.run_dir / "lora_star" / "merged"
-    if _done(merged / "config.json", f"LoRA* baseline ({t.max_steps} steps)"):
+def stage_method(cfg: PipelineConfig, pruned: Path, variant: Variant) -> Path:
+    """Train one variant on the pruned base, merge it, check its zeros bit for bit, save it."""
+    vcfg = _variant_config(cfg, variant.overrides, variant.seed)
+    method = get_method(variant.method)
+    out = cfg.run_dir / variant.name
+    merged, train_dir = out / "merged", out / "train"
+    if _done(merged / "config.json", f"{variant.name}: {method.label}, seed {variant.seed} ({vcfg.train.max_steps} steps)"):
         return merged
-    model, tokenizer = _load(pruned)
-    masks = _masks(model)
-    lora = LoraConfig(r=lo.r, lora_alpha=lo.lora_alpha, lora_dropout=t.dropout, target_modules=list(t.target_modules), task_type="CAUSAL_LM")
-    data, packed = _train_data(cfg)
-    args = _training_args(cfg, train_dir, lo.learning_rate, packed)
-    trainer = DistillSFTTrainer(
-        model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora, **_distillation(cfg)
-    )
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=_last_checkpoint(train_dir) or None)
-    _save_loss_history(trainer, train_dir)
-    atomic_write_text(train_dir / "train_seconds.json", json.dumps(time.perf_counter() - start))
-    plain = trainer.model.merge_and_unload()
-    from .sparsity import iter_linear_weights
+    base, tokenizer = load_plain(pruned)
+    zeros = linear_zeros(base)
+    del base
+    gc.collect()
+    from .peak_memory import peak_memory, reset_peak_memory
 
-    with torch.no_grad():
-        for name, weight in iter_linear_weights(plain):
-            weight[masks[name]] = 0.0  # LoRA's update is dense: re-apply the pruning mask
-    _check_same_zeros(pruned, plain, "LoRA*")
-    _save_model_dir(plain, tokenizer, merged)
+    reset_peak_memory()
+    data, packed = _train_data(vcfg)
+    lr = method.learning_rate(vcfg)
+    prepared = method.prepare(vcfg, pruned, data, _training_args(vcfg, train_dir, lr, packed), _distillation(vcfg), zeros)
+    trainer = prepared.trainer
+    check_one_epoch(trainer, vcfg)
+    resumed_from = _checkpoint_step(train_dir)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resumed_from > 0 or None)
+    seconds = time.perf_counter() - start
+    memory = peak_memory()
+    _save_loss_history(trainer, train_dir)
+    metrics = {
+        "variant": variant.name, "method": variant.method, "entry": variant.entry, "seed": variant.seed,
+        "label": variant.label, "overrides": list(variant.overrides), "learning_rate": lr,
+        "trainable_parameters": prepared.trainable_parameters, "train_seconds": seconds,
+        "steps": trainer.state.global_step, "resumed_from_step": resumed_from,  # seconds cover the steps after it
+        "peak_memory_bytes": memory["bytes"], "peak_memory_kind": memory["kind"],
+    }  # fmt: skip
+    atomic_write_text(train_dir / "metrics.json", json.dumps(metrics, indent=2))
+    model = prepared.merge()
+    _check_same_zeros(zeros, model, variant.name)
+    _save_model_dir(model, tokenizer, merged, prepared.card(model) if prepared.card else None)
     return merged
 
 
@@ -368,29 +439,39 @@ def _save_model_dir(model, tokenizer, out: Path, card: str | None = None) -> Non
             (tmp / "README.md").write_text(card)
 
 
-def _check_same_zeros(pruned: Path, model, what: str) -> None:
-    """The merged model must have exactly the pruned base's zeros."""
-    base, _ = _load(pruned)
-    expected, found = _masks(base), _masks(model)
-    bad = [n for n in expected if not torch.equal(expected[n], found.get(n, torch.empty(0)))]
+def _check_same_zeros(expected: Zeros, model, what: str) -> None:
+    """The merged model must have exactly the pruned base's zeros (every linear weight, bit for bit)."""
+    found = linear_zeros(model)
+    bad = sorted(set(expected) ^ set(found)) + [n for n in expected if n in found and not torch.equal(expected[n], found[n])]
     if bad:
-        raise RuntimeError(f"{what}: zero pattern differs from the pruned base in {len(bad)} layers, first {bad[0]}")
+        raise RuntimeError(
+            f"{what}: the zero pattern differs from the pruned base in {len(bad)} linear layers ({bad[:3]}); "
+            "the merged model was not saved. This is a bug in the method's merge: please report it."
+        )
 
 
 def stage_eval(cfg: PipelineConfig, paths: dict[str, Path]) -> dict[str, dict]:
+    from .corpora import documents
     from .evaluation import perplexity_result, zero_shot
 
     results = {}
     for variant, path in paths.items():
         out = cfg.run_dir / "eval" / f"{variant}.json"
         if not _done(out, f"evaluate {variant}"):
-            model, tokenizer = _load(path)
+            model, tokenizer = load_plain(path)
             ppl = perplexity_result(model, tokenizer, seqlen=cfg.eval.ppl_seqlen, max_windows=cfg.eval.ppl_windows)
             record: dict[str, Any] = {"variant": variant, "path": str(path), "ppl": ppl.ppl, "nll": ppl.nll,
-                                      "ppl_windows": ppl.windows, "ppl_seqlen": ppl.seqlen}  # fmt: skip
+                                      "ppl_windows": ppl.windows, "ppl_seqlen": ppl.seqlen, "heldout": {}}  # fmt: skip
+            for name in _heldout_names(cfg):
+                found = perplexity_result(
+                    model, tokenizer, text="\n\n".join(documents(name)), seqlen=cfg.eval.ppl_seqlen, max_windows=cfg.eval.heldout_windows
+                )
+                record["heldout"][name] = {"ppl": found.ppl, "nll": found.nll, "windows": found.windows, "seqlen": found.seqlen}
             if cfg.eval.tasks and cfg.eval.tasks != "none":
                 record["zero_shot"] = zero_shot(model, tokenizer, tasks=cfg.eval.tasks, limit=cfg.eval.limit, batch_size=cfg.eval.batch_size)
             atomic_write_text(out, json.dumps(record, indent=2))
+            del model
+            gc.collect()
         results[variant] = json.loads(out.read_text())
     return results
 
@@ -401,30 +482,31 @@ def gap_closed(ppl_pruned: float, ppl_recovered: float, ppl_dense: float) -> flo
 
 
 def run_pipeline(cfg: PipelineConfig, skip: set[str] | None = None) -> Path:
-    """Run every stage not skipped; returns the path of report.md."""
+    """Run every stage not skipped (`skip` may name 'eval', methods, `methods:` entries or variants); returns report.md."""
     skip = skip or set()
+    runs = [v for v in variants(cfg) if not {v.name, v.entry, v.method} & skip]
+    check_data_separation(cfg)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     start = time.perf_counter()
     pruned = stage_prune(cfg)
     paths = {"dense": Path(_resolve_model(cfg.model)), "pruned": pruned}
-    if "spp" not in skip:
-        paths["spp"] = stage_spp(cfg, pruned)
-    if cfg.lora.enabled and "lora_star" not in skip:
-        paths["lora_star"] = stage_lora_star(cfg, pruned)
+    for variant in runs:
+        paths[variant.name] = stage_method(cfg, pruned, variant)
+        gc.collect()
     results = stage_eval(cfg, paths) if "eval" not in skip else {}
     from .report import write_report
 
-    report = write_report(cfg, results, time.perf_counter() - start)
+    report = write_report(cfg, runs, results, time.perf_counter() - start)
     logger.warning("report: %s", report)
     return report
 
 
 def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser("run", help="prune → SPP-train → merge → evaluate → report (default: SmolLM2-135M)")
+    parser = subparsers.add_parser("run", help="prune → train each recovery method → merge → evaluate → report (default: SmolLM2-135M)")
     parser.add_argument("config", nargs="?", help="YAML pipeline config (default: the embedded SmolLM2 default)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.max_steps=10")
-    parser.add_argument("--skip", default="", help="comma-separated stages to skip: spp, lora_star, eval")
+    parser.add_argument("--skip", default="", help="comma-separated methods, variants or 'eval' to skip, e.g. lora_star,eval")
     parser.set_defaults(func=_cli)
 
 

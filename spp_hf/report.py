@@ -1,17 +1,20 @@
-"""`report.md` and its PNG plots for a pipeline run: loss curves, perplexities, per-layer sparsity."""
+"""`report.md` and its PNG plots for a pipeline run: the methods side by side (table, perplexity bars,
+loss curves, gap closed against trainable parameters and training seconds) and per-layer sparsity."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from statistics import mean
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .files import atomic_write_text
 
 if TYPE_CHECKING:
-    from .pipeline import PipelineConfig
+    from .pipeline import PipelineConfig, Variant
 
-LABELS = {"dense": "dense", "pruned": "pruned", "spp": "SPP (merged)", "lora_star": "LoRA*"}
+TEXT_LABELS = {"wikitext2": "WikiText-2", "wiki-validation": "Wikipedia val.", "c4-heldout": "C4 held-out"}
 
 
 def _plt():
@@ -41,42 +44,92 @@ def _layer_zeros(model_dir: Path) -> list[tuple[str, float]]:
     return rows
 
 
-def plot_losses(run_dir: Path, out: Path) -> bool:
+def perplexities(record: dict) -> dict[str, float]:
+    """{text: perplexity} of one evaluation record: WikiText-2 first, then the held-out texts."""
+    return {"wikitext2": record["ppl"], **{name: r["ppl"] for name, r in record.get("heldout", {}).items()}}
+
+
+def gaps(results: dict[str, dict], variant: str) -> dict[str, float]:
+    """{text: share of the pruned→dense log-perplexity gap that `variant` closes} (texts with both baselines)."""
+    from .pipeline import gap_closed
+
+    if "dense" not in results or "pruned" not in results:
+        return {}
+    dense, pruned, found = (perplexities(results[v]) for v in ("dense", "pruned", variant))
+    return {t: gap_closed(pruned[t], found[t], dense[t]) for t in found if t in dense and t in pruned and pruned[t] != dense[t]}
+
+
+# --------------------------------------------------------------------------- plots
+def plot_losses(run_dir: Path, runs: Sequence["Variant"], out: Path) -> bool:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
-    for variant in ("spp", "lora_star"):
-        losses = _read_json(run_dir / variant / "train" / "loss_history.json", [])
+    for variant in runs:
+        losses = _read_json(run_dir / variant.name / "train" / "loss_history.json", [])
         if losses:
-            ax.plot([s for s, _ in losses], [v for _, v in losses], label=LABELS[variant])
+            ax.plot([s for s, _ in losses], [v for _, v in losses], label=variant.label, linewidth=1)
             drawn = True
     if drawn:
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")  # the KL to the dense model when distilling
-        ax.legend()
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out, dpi=110)
     plt.close(fig)
     return drawn
 
 
-def plot_perplexity(results: dict[str, dict], out: Path) -> None:
+def plot_perplexity(results: dict[str, dict], labels: dict[str, str], out: Path) -> None:
+    """Grouped bars: one group per evaluated text, one bar per model (log scale)."""
     plt = _plt()
-    names = [v for v in ("dense", "pruned", "spp", "lora_star") if v in results]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([LABELS[n] for n in names], [results[n]["ppl"] for n in names], color=["#4c72b0", "#c44e52", "#55a868", "#8172b2"][: len(names)])
+    names = list(results)
+    texts = list(perplexities(results[names[0]]))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) * len(texts) / 2), 4))
+    for i, name in enumerate(names):
+        ppl = perplexities(results[name])
+        ax.bar([t + i * width for t in range(len(texts))], [ppl.get(t, math.nan) for t in texts], width, label=labels[name])
+    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(texts))], [TEXT_LABELS.get(t, t) for t in texts])
     ax.set_yscale("log")
-    ax.set_ylabel("WikiText-2 perplexity (log scale)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
-def plot_sparsity(before: list[tuple[str, float]], after: list[tuple[str, float]], out: Path) -> None:
+def plot_gap_vs_cost(points: list[dict], out: Path) -> bool:
+    """Gap closed (every text) against trainable parameters and against training seconds, one point per run."""
+    points = [p for p in points if p["gaps"]]
+    if not points:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    markers = dict(zip(TEXT_LABELS, "osD"))
+    for ax, key, xlabel in ((axes[0], "params", "trainable parameters (log scale)"), (axes[1], "seconds", "training seconds")):
+        for p in points:
+            if p[key] is None:
+                continue
+            for text, gap in p["gaps"].items():
+                ax.scatter(p[key], 100 * gap, marker=markers.get(text, "x"), color=p["color"], s=25)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_xscale("log")
+    axes[0].set_ylabel("gap closed (%)")
+    handles = [axes[0].scatter([], [], color=c, label=m) for m, c in {p["method"]: p["color"] for p in points}.items()]
+    handles += [axes[0].scatter([], [], color="gray", marker=mk, label=TEXT_LABELS[t]) for t, mk in markers.items()]
+    axes[1].legend(handles=handles, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_sparsity(before: list[tuple[str, float]], after: list[tuple[str, float]], label: str, out: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot([r for _, r in before], "o", markersize=4, label="pruned base")
-    ax.plot([r for _, r in after], "x", markersize=4, label="SPP merged")
+    ax.plot([r for _, r in after], "x", markersize=4, label=f"{label} merged")
     ax.set_xlabel("linear layer (index)")
     ax.set_ylabel("zero ratio")
     ax.set_ylim(0, 1)
@@ -86,6 +139,7 @@ def plot_sparsity(before: list[tuple[str, float]], after: list[tuple[str, float]
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- text
 def _objective(distill_weight: float) -> str:
     if distill_weight <= 0:
         return "language-modelling loss"
@@ -94,57 +148,120 @@ def _objective(distill_weight: float) -> str:
     return f"loss {1 - distill_weight:g}·LM + {distill_weight:g}·KL to the dense model"
 
 
-def write_report(cfg: "PipelineConfig", results: dict[str, dict], seconds: float) -> Path:
-    """Write runs/<name>/report.md with tables and plots; returns its path."""
-    from .pipeline import gap_closed
+def _acc(score: dict | None) -> str:
+    if not score or score.get("acc") is None:
+        return " |"
+    se = score.get("acc_stderr")
+    return f" {score['acc']:.3f}{'' if se is None else f' ± {se:.3f}'} |"
 
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return ""
+    return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n:,}"
+
+
+def _results_table(results: dict[str, dict], labels: dict[str, str], metrics: dict[str, dict]) -> list[str]:
+    texts = list(perplexities(next(iter(results.values()))))
+    tasks = sorted({t for r in results.values() for t in r.get("zero_shot", {})})
+    header = "| model |" + "".join(f" {TEXT_LABELS.get(t, t)} ppl | gap |" for t in texts)
+    header += "".join(f" {t} acc |" for t in tasks) + " trainable | train s | peak memory |"
+    lines = [header, "|" + " --- |" * (header.count("|") - 1)]
+    for name, record in results.items():
+        ppl, gap, m = perplexities(record), gaps(results, name) if name not in ("dense", "pruned") else {}, metrics.get(name, {})
+        row = f"| {labels[name]} |" + "".join(f" {ppl[t]:.2f} | {f'{100 * gap[t]:.1f}%' if t in gap else ''} |" for t in texts)
+        row += "".join(_acc(record.get("zero_shot", {}).get(t)) for t in tasks)
+        memory, secs = m.get("peak_memory_bytes"), m.get("train_seconds")
+        row += f" {_count(m.get('trainable_parameters'))} | {'' if secs is None else f'{secs:.0f}'} |"
+        row += f" {'' if memory is None else f'{memory / 2**30:.2f} GiB'} |"
+        lines.append(row)
+    return lines
+
+
+def _summary_table(results: dict[str, dict], runs: Sequence["Variant"]) -> list[str]:
+    """Mean (min–max) over seeds for every `methods:` entry that ran at more than one seed."""
+    groups: dict[str, list[str]] = {}
+    for v in runs:
+        if v.name in results:
+            groups.setdefault(v.entry, []).append(v.name)
+    if all(len(names) < 2 for names in groups.values()):
+        return []
+    texts = list(perplexities(next(iter(results.values()))))
+    header = "| method | seeds |" + "".join(f" {TEXT_LABELS.get(t, t)} ppl, mean (min–max) |" for t in texts)
+    lines = ["## Across seeds", "", header, "|" + " --- |" * (header.count("|") - 1)]
+    for entry, names in groups.items():
+        cells = ""
+        for t in texts:
+            values = [perplexities(results[n])[t] for n in names]
+            cells += f" {mean(values):.2f} ({min(values):.2f}–{max(values):.2f}) |"
+        lines.append(f"| {entry} | {len(names)} |{cells}")
+    return lines + [""]
+
+
+def write_report(cfg: "PipelineConfig", runs: Sequence["Variant"], results: dict[str, dict], seconds: float) -> Path:
+    """Write runs/<name>/report.md with tables and plots; returns its path."""
     run_dir = cfg.run_dir
+    metrics = {v.name: _read_json(run_dir / v.name / "train" / "metrics.json", {}) for v in runs}
+    labels = {"dense": "dense", "pruned": f"pruned ({cfg.prune.method} {cfg.prune.sparsity})", **{v.name: v.label for v in runs}}
+    rates = sorted({f"{v.entry} lr {m['learning_rate']:g}" for v in runs if (m := metrics[v.name])})
     lines = [f"# spp-hf run `{cfg.name}`", ""]
     lines += [f"Model `{cfg.model}`, pruned with {cfg.prune.method} {cfg.prune.sparsity} "
-              f"({cfg.prune.nsamples} × {cfg.prune.seqlen} calibration tokens); SPP r={cfg.train.r}, s={cfg.train.scale}, "
-              f"lr {cfg.train.learning_rate}; LoRA* r={cfg.lora.r}, lr {cfg.lora.learning_rate}; "
-              f"{cfg.train.max_steps} steps × {cfg.train.batch_size} × {cfg.train.max_length} tokens of `{cfg.train.data}` "
-              f"for each, {_objective(cfg.train.distill_weight)}. "
+              f"({cfg.prune.nsamples} × {cfg.prune.seqlen} calibration tokens of `{cfg.prune.calibration}`). "
+              f"Every method: {cfg.train.max_steps} steps × {cfg.train.batch_size * cfg.train.grad_accum} × "
+              f"{cfg.train.max_length} tokens of `{cfg.train.data}`, {_objective(cfg.train.distill_weight)}; "
+              f"SPP r={cfg.train.r}, s={cfg.train.scale}, dropout {cfg.train.dropout}; LoRA r={cfg.lora.r}, "
+              f"alpha {cfg.lora.lora_alpha}; {', '.join(rates) or 'no method trained'}. "
               f"Wall time of this invocation: {seconds / 60:.1f} min.", ""]  # fmt: skip
     if results:
-        tasks = sorted({t for r in results.values() for t in r.get("zero_shot", {})})
-        header = "| model | WikiText-2 ppl | gap closed |" + "".join(f" {t} acc |" for t in tasks) + " train s |"
-        lines += [header, "|" + " --- |" * (header.count("|") - 1)]
-        dense, pruned = results.get("dense", {}).get("ppl"), results.get("pruned", {}).get("ppl")
-        for variant in ("dense", "pruned", "spp", "lora_star"):
-            if variant not in results:
-                continue
-            r = results[variant]
-            gap = f"{100 * gap_closed(pruned, r['ppl'], dense):.1f}%" if dense and pruned and variant in ("spp", "lora_star") else ""
-            accs = "".join(f" {r.get('zero_shot', {}).get(t, {}).get('acc', float('nan')):.3f} |" for t in tasks)
-            secs = _read_json(run_dir / variant / "train" / "train_seconds.json")
-            lines.append(f"| {LABELS[variant]} | {r['ppl']:.2f} | {gap} |{accs} {'' if secs is None else f'{secs:.0f}'} |")
+        lines += _results_table(results, labels, metrics)
         some = next(iter(results.values()))
-        lines += ["", f"Perplexity: {some.get('ppl_windows')} windows of {some.get('ppl_seqlen')} tokens "
-                  "(WikiText-2 raw test, rows joined with \"\\n\\n\"). Gap closed = (log ppl_pruned − log ppl) / "
-                  "(log ppl_pruned − log ppl_dense).", ""]  # fmt: skip
-        plot_perplexity(results, run_dir / "perplexity.png")
+        held = ", ".join(f"{TEXT_LABELS.get(n, n)} {r['windows']} windows" for n, r in some.get("heldout", {}).items())
+        lines += ["", f"Perplexity: windows of {some.get('ppl_seqlen')} tokens; WikiText-2 raw test {some.get('ppl_windows')} windows "
+                  f"(rows joined with \"\\n\\n\"){'; ' + held if held else ''}. The held-out texts are never trained or calibrated "
+                  "on (`spp_hf.corpora`). Gap closed = (log ppl_pruned − log ppl) / (log ppl_pruned − log ppl_dense). "
+                  "Zero-shot: accuracy ± lm-eval's standard error. Trainable: the weights a method can change. "
+                  f"Peak memory: {next((m['peak_memory_kind'] for m in metrics.values() if m), 'n/a')} while the method "
+                  "was loaded and trained.", ""]  # fmt: skip
+        lines += _summary_table(results, runs)
+        plot_perplexity(results, labels, run_dir / "perplexity.png")
         lines += ["![perplexity](perplexity.png)", ""]
-    if plot_losses(run_dir, run_dir / "loss.png"):
+        colors = {}
+        points = []
+        for v in runs:
+            if v.name in results:
+                colors.setdefault(v.entry, f"C{len(colors)}")
+                m = metrics[v.name]
+                points.append({"method": v.entry, "color": colors[v.entry], "gaps": gaps(results, v.name),
+                               "params": m.get("trainable_parameters"), "seconds": m.get("train_seconds")})  # fmt: skip
+        if plot_gap_vs_cost(points, run_dir / "gap_vs_cost.png"):
+            lines += ["## Gap closed against cost", "", "![gap closed vs trainable parameters and training seconds](gap_vs_cost.png)", ""]
+    if plot_losses(run_dir, runs, run_dir / "loss.png"):
         lines += ["## Training loss", "", "![training loss](loss.png)", ""]
-        for variant in ("spp", "lora_star"):
-            losses = _read_json(run_dir / variant / "train" / "loss_history.json", [])
+        for v in runs:
+            losses = _read_json(run_dir / v.name / "train" / "loss_history.json", [])
             if losses:
-                head = ", ".join(f"{v:.3f}" for _, v in losses[:3])
-                tail = ", ".join(f"{v:.3f}" for _, v in losses[-3:])
-                lines.append(f"- {LABELS[variant]}: first {head} … last {tail}")
+                head = ", ".join(f"{x:.3f}" for _, x in losses[:3])
+                tail = ", ".join(f"{x:.3f}" for _, x in losses[-3:])
+                lines.append(f"- {v.label}: first {head} … last {tail}")
         lines.append("")
-    pruned_dir, merged_dir = run_dir / "pruned", run_dir / "spp" / "merged"
-    if pruned_dir.exists() and merged_dir.exists():
-        before, after = _layer_zeros(pruned_dir), _layer_zeros(merged_dir)
-        plot_sparsity(before, after, run_dir / "sparsity.png")
-        same = before == after
-        overall = sum(r for _, r in before) / max(1, len(before))
-        lines += ["## Sparsity before and after merge", "",
-                  f"{len(before)} linear layers, mean zero ratio {overall:.4f}; per-layer zero ratios of the merged "
-                  f"model {'are identical to' if same else 'DIFFER from'} the pruned base's.", "",
-                  "![per-layer sparsity](sparsity.png)", ""]  # fmt: skip
+    lines += _sparsity_section(run_dir, runs)
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
 
+
+def _sparsity_section(run_dir: Path, runs: Sequence["Variant"]) -> list[str]:
+    pruned_dir = run_dir / "pruned"
+    merged = [v for v in runs if (run_dir / v.name / "merged" / "config.json").exists()]
+    if not pruned_dir.exists() or not merged:
+        return []
+    before = _layer_zeros(pruned_dir)
+    overall = sum(r for _, r in before) / max(1, len(before))
+    lines = ["## Sparsity before and after merge", "",
+             f"{len(before)} linear layers, mean zero ratio {overall:.4f}. Every merged model's zeros were compared bit "
+             "for bit with the pruned base's before it was saved; per-layer zero ratios of the saved models:", ""]  # fmt: skip
+    for v in merged:
+        after = _layer_zeros(run_dir / v.name / "merged")
+        lines.append(f"- {v.label}: {'identical to' if after == before else 'DIFFER from'} the pruned base's")
+    plot_sparsity(before, _layer_zeros(run_dir / merged[0].name / "merged"), merged[0].label, run_dir / "sparsity.png")
+    return lines + ["", "![per-layer sparsity](sparsity.png)", ""]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from spp_hf.cli import main as cli_main
-from spp_hf.pipeline import PipelineConfig, apply_overrides, gap_closed
+from spp_hf.pipeline import PipelineConfig, apply_overrides, check_data_separation, gap_closed, run_pipeline, variants
 from spp_hf.sparsity import iter_linear_weights
 
 
@@ -30,68 +30,99 @@ def tiny_dense(smollm2_dir, tmp_path_factory):
 FAST = [
     "prune.nsamples=4", "prune.seqlen=64", "train.max_steps=4", "train.batch_size=2", "train.max_length=64",
     "train.save_steps=2", "train.max_samples=16", "eval.ppl_seqlen=128", "eval.ppl_windows=2",
-    "eval.tasks=spp_copa", "eval.limit=4",
+    "eval.heldout_windows=2", "eval.tasks=spp_copa", "eval.limit=4",
 ]  # fmt: skip
+EVERY_METHOD = ["methods=[spp, lora_star, masked_full]", "method_seeds={spp: [0, 1]}", "train.weight_decay=0.1"]  # AdamW decays every weight
+VARIANTS = ("spp_s0", "spp_s1", "lora_star_s0", "masked_full_s0")
 
 
-def test_pipeline_runs_resumes_and_keeps_zeros(tiny_dense, tmp_path):
-    args = ["run", "--set", f"model={tiny_dense}", "--set", f"output_dir={tmp_path}", "--set", "name=fast"]
-    for item in FAST:
-        args += ["--set", item]
-    assert cli_main(args) == 0
+def _run(tiny_dense, tmp_path, name: str, items: list[str], skip: str = "") -> Path:
+    """`spp-hf run --set model=<tiny> --set ... [--skip ...]`, through the pipeline's own entry point."""
+    overrides = [f"model={tiny_dense}", f"output_dir={tmp_path}", f"name={name}", *items]
+    return run_pipeline(PipelineConfig.from_dict(apply_overrides({}, overrides)), {s for s in skip.split(",") if s})
+
+
+def test_pipeline_compares_every_method_resumes_and_keeps_zeros(tiny_dense, tmp_path):
+    _run(tiny_dense, tmp_path, "fast", FAST + EVERY_METHOD)
     run = tmp_path / "fast"
-    for part in ("pruned/sparsity.json", "spp/adapter/spp_adapter.safetensors", "spp/merged/config.json",
-                 "lora_star/merged/config.json", "eval/spp.json", "report.md", "loss.png", "perplexity.png", "sparsity.png"):  # fmt: skip
+    for part in ("pruned/sparsity.json", "data/c4-sample.jsonl", "spp_s0/adapter/spp_adapter.safetensors", "eval/spp_s1.json",
+                 "report.md", "loss.png", "perplexity.png", "sparsity.png", "gap_vs_cost.png"):  # fmt: skip
         assert (run / part).exists(), part
     pruned = AutoModelForCausalLM.from_pretrained(run / "pruned")
-    for variant in ("spp", "lora_star"):  # plain transformers loads the merged models, with the base's zeros
+    base_w = dict(iter_linear_weights(pruned))
+    for variant in VARIANTS:  # plain transformers loads every merged model, with exactly the base's zeros
         merged = AutoModelForCausalLM.from_pretrained(run / variant / "merged")
-        base_w = dict(iter_linear_weights(pruned))
+        changed = False
         for name, w in iter_linear_weights(merged):
             assert torch.equal(w == 0, base_w[name] == 0), (variant, name)
+            changed |= not torch.equal(w, base_w[name])
+        assert changed, f"{variant} did not train"  # the weights moved, only not at the zeros
         assert any((w == 0).float().mean() > 0.49 for _, w in iter_linear_weights(merged))
-    results = {v: json.loads((run / "eval" / f"{v}.json").read_text()) for v in ("dense", "pruned", "spp", "lora_star")}
+    results = {v: json.loads((run / "eval" / f"{v}.json").read_text()) for v in ("dense", "pruned") + VARIANTS}
     assert all(math.isfinite(r["ppl"]) and r["ppl_windows"] == 2 for r in results.values())
-    assert 0.0 <= results["spp"]["zero_shot"]["spp_copa"]["acc"] <= 1.0
+    for r in results.values():
+        assert set(r["heldout"]) == {"wiki-validation", "c4-heldout"}
+        assert all(math.isfinite(h["ppl"]) and h["windows"] == 2 for h in r["heldout"].values())
+    copa = results["spp_s0"]["zero_shot"]["spp_copa"]
+    assert 0.0 <= copa["acc"] <= 1.0 and copa["acc_stderr"] > 0 and copa["n"] == 4
+
+    metrics = {v: json.loads((run / v / "train" / "metrics.json").read_text()) for v in VARIANTS}
+    assert [metrics[v]["seed"] for v in VARIANTS] == [0, 1, 0, 0]
+    assert all(m["train_seconds"] > 0 and m["steps"] == 4 and m["peak_memory_bytes"] > 0 for m in metrics.values())
+    targets = [w for n, w in iter_linear_weights(pruned) if n.rsplit(".", 1)[-1] in PipelineConfig().train.target_modules]
+    assert metrics["masked_full_s0"]["trainable_parameters"] == sum(int((w != 0).sum()) for w in targets)
+    spp_params = sum(w.shape[0] * 16 + w.shape[1] for w in targets)  # α: (out, r), β: (1, in) per targeted layer
+    assert metrics["spp_s0"]["trainable_parameters"] == spp_params
+    assert metrics["lora_star_s0"]["trainable_parameters"] == sum(8 * (w.shape[0] + w.shape[1]) for w in targets)
+    # seeds change the run: the two SPP seeds start from different α and see the data in another order
+    seed_losses = [json.loads((run / v / "train" / "loss_history.json").read_text()) for v in ("spp_s0", "spp_s1")]
+    assert [s for s, _ in seed_losses[0]] == [1, 2, 3, 4] and seed_losses[0] != seed_losses[1]
+
     report = (run / "report.md").read_text()
-    assert "identical to" in report and "LoRA*" in report and "language-modelling loss" in report
-    losses = json.loads((run / "spp" / "train" / "loss_history.json").read_text())
-    assert [s for s, _ in losses] == [1, 2, 3, 4]
+    for text in ("| model | WikiText-2 ppl | gap | Wikipedia val. ppl | gap | C4 held-out ppl | gap | spp_copa acc |",
+                 "SPP s1", "LoRA* s0", "masked full FT s0", "## Across seeds", "| spp | 2 |", "gap_vs_cost.png",
+                 "language-modelling loss", "± "):  # fmt: skip
+        assert text in report, text
+    assert report.count("identical to the pruned base") == 4 and "DIFFER" not in report
 
     # a second run skips every finished stage: nothing is retrained or re-evaluated
     stamp = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
-    assert cli_main(args) == 0
+    _run(tiny_dense, tmp_path, "fast", FAST + EVERY_METHOD)
     assert stamp == {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
 
 
-def test_pipeline_trains_on_packed_plain_text(tiny_dense, tmp_path):
-    """Plain-text rows (train.data=<jsonl of {"text"}>) are packed into full max_length sequences."""
+def test_pipeline_trains_on_packed_plain_text_at_most_once(tiny_dense, tmp_path):
+    """Plain-text rows (train.data=<jsonl of {"text"}>) are packed into full max_length sequences, and a run
+    whose steps would pass over them more than train.max_epochs times stops before training."""
     docs = tmp_path / "docs.jsonl"
     docs.write_text("\n".join(json.dumps({"text": f"Short document number {i} about pruning."}) for i in range(200)))
-    args = ["run", "--set", f"model={tiny_dense}", "--set", f"output_dir={tmp_path}", "--set", "name=text", "--skip", "eval"]
-    for item in FAST + [f"train.data={docs}", "train.max_steps=2", "train.max_samples=null"]:
-        args += ["--set", item]
-    assert cli_main(args) == 0
-    for variant in ("spp", "lora_star"):
+    items = FAST + [f"train.data={docs}", "train.max_steps=2", "train.max_samples=null"]
+    _run(tiny_dense, tmp_path, "text", items, skip="eval")
+    for variant in ("spp_s0", "lora_star_s0"):
         state = json.loads(next((tmp_path / "text" / variant / "train").glob("checkpoint-*/trainer_state.json")).read_text())
         tokens = [h["num_tokens"] for h in state["log_history"] if "num_tokens" in h]
         per_step = [tokens[0], tokens[1] - tokens[0]]
         # unpacked, a batch of two ~12-token documents holds < 32 tokens; packed, full 64-token sequences
         # (one may be the shorter tail of the packed stream)
         assert max(per_step) == 2 * 64 and min(per_step) > 64, (variant, per_step)
+    # ~2400 tokens pack into ~37 rows of 64 tokens: 30 steps × 2 rows would repeat them
+    items = FAST + [f"train.data={docs}", "train.max_steps=30", "train.max_samples=null", "methods=[spp]"]
+    with pytest.raises(ValueError, match="lower train.max_steps to at most"):
+        _run(tiny_dense, tmp_path, "repeat", items, skip="eval")
+    assert not list((tmp_path / "repeat" / "spp_s0" / "train").glob("checkpoint-*"))  # nothing trained
 
 
-def test_pipeline_distils_both_methods_from_the_dense_model(tiny_dense, tmp_path):
-    """train.distill_weight=1: SPP and LoRA* both minimise KL(dense ‖ student) instead of the LM loss."""
-    args = ["run", "--set", f"model={tiny_dense}", "--set", f"output_dir={tmp_path}", "--set", "name=kd", "--skip", "eval"]
-    for item in FAST + ["train.max_steps=2", "train.distill_weight=1.0"]:
-        args += ["--set", item]
-    assert cli_main(args) == 0
-    first = {v: json.loads((tmp_path / "kd" / v / "train" / "loss_history.json").read_text())[0][1] for v in ("spp", "lora_star")}
-    # Both start as the pruned base (β = 0, LoRA B = 0) on the same first batch: the same KL to the dense
-    # model, which for these near-uniform random models is far below the LM loss (~ln 49152 = 10.8).
-    assert first["spp"] == pytest.approx(first["lora_star"], rel=1e-4)
-    assert 0.0 < first["spp"] < 1.0
+def test_pipeline_distils_every_method_from_the_dense_model(tiny_dense, tmp_path):
+    """train.distill_weight=1: SPP, LoRA* and masked full FT all minimise KL(dense ‖ student) instead of the LM loss."""
+    items = FAST + ["train.max_steps=2", "train.distill_weight=1.0", "methods=[spp, lora_star, masked_full]"]
+    _run(tiny_dense, tmp_path, "kd", items, skip="eval")
+    variants = ("spp_s0", "lora_star_s0", "masked_full_s0")
+    first = {v: json.loads((tmp_path / "kd" / v / "train" / "loss_history.json").read_text())[0][1] for v in variants}
+    # All start as the pruned base (β = 0, LoRA B = 0, untouched weights) on the same first batch: the same KL
+    # to the dense model, which for these near-uniform random models is far below the LM loss (~ln 49152 = 10.8).
+    assert first["spp_s0"] == pytest.approx(first["lora_star_s0"], rel=1e-4)
+    assert first["spp_s0"] == pytest.approx(first["masked_full_s0"], rel=1e-4)
+    assert 0.0 < first["spp_s0"] < 1.0
     assert "distilled from the dense model" in (tmp_path / "kd" / "report.md").read_text()
 
 
@@ -122,13 +153,73 @@ def test_gap_closed_formula():
     assert gap_closed(100.0, math.sqrt(1000.0), 10.0) == pytest.approx(0.5)
 
 
-def test_shipped_pipeline_configs_parse():
-    from pathlib import Path
+RECOVERY = ("smollm2_wanda24_recovery.yaml", "smollm2_wanda75_recovery.yaml")
 
-    path = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "smollm2_wanda24_recovery.yaml"
-    cfg = PipelineConfig.from_yaml(path)
-    assert cfg.prune.sparsity == "2:4" and cfg.train.max_steps > PipelineConfig().train.max_steps
+
+@pytest.mark.parametrize("config", RECOVERY)
+def test_shipped_recovery_configs_train_once_on_shipped_text(config, smollm2_dir):
     from spp_hf.alpaca import load_sft_data
 
-    rows, packed = load_sft_data(cfg.train.data)  # its training data ships with the package
-    assert len(rows) > 0 and packed == (cfg.train.data == "c4-sample")
+    cfg = PipelineConfig.from_yaml(Path(__file__).resolve().parents[1] / "recipes" / "configs" / config)
+    runs = variants(cfg)
+    assert {"spp", "lora_star"} <= {v.method for v in runs}
+    check_data_separation(cfg)
+    rows, packed = load_sft_data(cfg.train.data)  # its training text ships with the package
+    assert packed and cfg.train.max_epochs <= 1.0
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokens = sum(len(ids) + 1 for ids in tok(list(rows["text"])).input_ids)  # + the EOS TRL appends to each document
+    assert cfg.train.max_steps * cfg.train.batch_size * cfg.train.max_length <= tokens  # one pass at most
+    assert cfg.eval.limit is None and "c4-heldout" in cfg.eval.heldout and "wiki-validation" in cfg.eval.heldout
+
+
+def test_recovery_configs_compare_the_issue_s_methods():
+    folder = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+    two_four = PipelineConfig.from_yaml(folder / RECOVERY[0])
+    names = [v.name for v in variants(two_four)]
+    assert names == ["spp_s0", "spp_s1", "lora_star_s0", "lora_star_s1", "masked_full_s0"]
+    assert two_four.prune.sparsity == "2:4"
+    dropout = variants(PipelineConfig.from_yaml(folder / RECOVERY[0], ["methods=[spp_dropout05]"]))
+    assert [v.name for v in dropout] == ["spp_dropout05_s0", "spp_dropout05_s1"] and dropout[0].method == "spp"
+    seventy_five = PipelineConfig.from_yaml(folder / RECOVERY[1])
+    assert seventy_five.prune.sparsity == 0.75 and [v.method for v in variants(seventy_five)] == ["spp", "lora_star"]
+
+
+def test_variants_expand_methods_seeds_and_settings():
+    cfg = PipelineConfig.from_dict(apply_overrides({}, [
+        "methods=[spp, lora_star, drop]", "seeds=[3, 4]", "method_seeds={lora_star: [7]}",
+        "variants={drop: {method: spp, set: [train.dropout=0.05, train.r=4]}}",
+    ]))  # fmt: skip
+    runs = variants(cfg)
+    assert [(v.name, v.method, v.seed) for v in runs] == [
+        ("spp_s3", "spp", 3), ("spp_s4", "spp", 4), ("lora_star_s7", "lora_star", 7), ("drop_s3", "spp", 3), ("drop_s4", "spp", 4)
+    ]  # fmt: skip
+    from spp_hf.pipeline import _variant_config
+
+    drop = _variant_config(cfg, runs[-1].overrides, runs[-1].seed)
+    assert drop.train.dropout == 0.05 and drop.train.r == 4 and drop.train.seed == 4 and cfg.train.dropout == 0.0
+    assert runs[0].label == "SPP s3" and runs[-1].label == "drop s4"
+    for bad, message in (
+        (["methods=[sp]"], "Unknown recovery method 'sp'"),
+        (["method_seeds={masked_ful: [0]}"], "neither a method"),
+        (["methods=[x]", "variants={x: {method: spp, set: [train.dropoutt=0.1]}}"], "train.dropoutt"),
+        (["methods=[x]", "variants={x: {sett: []}}"], "needs 'method'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            variants(PipelineConfig.from_dict(apply_overrides({}, bad)))
+
+
+def test_heldout_texts_are_disjoint_from_training_and_calibration():
+    from spp_hf.corpora import C4_SAMPLE_FILE, WIKI_TRAIN_FILE, WIKI_VALIDATION_FILE, documents, read_jsonl
+
+    calibration, heldout = documents("c4-sample"), documents("c4-heldout")
+    assert len(calibration) == len(heldout) == 100 and not set(calibration) & set(heldout)
+    assert calibration + heldout == [r["text"] for r in read_jsonl(C4_SAMPLE_FILE)]  # a split of the whole sample
+    train, validation = read_jsonl(WIKI_TRAIN_FILE), read_jsonl(WIKI_VALIDATION_FILE)
+    assert len(train) == 1000 and len(validation) == 396
+    assert not {r["id"] for r in train} & {r["id"] for r in validation}
+    assert not {r["text"] for r in train} & {r["text"] for r in validation}
+    assert not set(documents("wiki-pretrain")) & set(heldout)
+    for clash in (["train.data=c4-heldout"], ["prune.calibration=wiki-validation"]):
+        with pytest.raises(ValueError, match="also evaluated as held-out"):
+            check_data_separation(PipelineConfig.from_dict(apply_overrides({}, clash)))
+    check_data_separation(PipelineConfig.from_dict(apply_overrides({}, ["train.data=c4-heldout", "eval.heldout=wiki-validation"])))
