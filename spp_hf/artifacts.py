@@ -155,10 +155,14 @@ def _replace_dir(staging: Path, path: Path) -> None:
 
 
 def _link_missing(old: Path, new: Path) -> None:
-    """Hard-link (copy where links fail) every entry of `old` that `new` lacks, so a swap keeps them."""
+    """Hard-link (copy where links fail) every entry of `old` that `new` lacks, so a swap keeps them.
+
+    The adapter files themselves are never carried over: a save that writes no card must not keep
+    the card of the adapter it replaces.
+    """
     for entry in old.iterdir():
         target = new / entry.name
-        if target.exists() or target.is_symlink() or entry.name.startswith("."):
+        if target.exists() or target.is_symlink() or entry.name.startswith(".") or entry.name in ADAPTER_FILES:
             continue
         if entry.is_symlink():
             os.symlink(os.readlink(entry), target)
@@ -185,8 +189,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        _fsync_file(tmp)
         os.chmod(tmp, FILE_MODE)
+        _fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:

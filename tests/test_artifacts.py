@@ -54,6 +54,7 @@ def test_adapter_round_trip_and_kept_entries(tmp_path):
     assert config == {"r": 2} and torch.equal(loaded["x"], tensors["x"])
     assert read_adapter_files(folder / "b")[0] == {"r": 3}
     write_adapter_folder(folder, {"r": 5}, tensors)
+    assert not (folder / "README.md").exists()  # the replaced adapter's card does not describe the new one
     assert (folder / "checkpoint-2" / "optimizer.pt").read_text() == "opt"  # a Trainer's checkpoints survive
     assert read_adapter_files(folder / "b")[0] == {"r": 3}  # another adapter's sub-folder too
     assert read_adapter_files(folder)[0] == {"r": 5}

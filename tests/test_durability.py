@@ -134,6 +134,19 @@ def test_model_folder_save_killed_at_every_step(tmp_path):
     assert seen == {0, 1}
 
 
+def test_json_overwrite_killed_at_every_step(tmp_path):
+    path = tmp_path / "eval.json"
+    artifacts.write_json(path, {"v": 1})
+    for n in range(1, 50):
+        finished = run_child(lambda: artifacts.write_json(path, {"v": 2}), n, True)
+        assert artifacts.read_sparsity_json(path) in ({"v": 1}, {"v": 2}) and oct(os.stat(path).st_mode)[-3:] == "644"
+        if finished:
+            assert artifacts.read_sparsity_json(path) == {"v": 2}
+            break
+        artifacts.write_json(path, {"v": 1})
+    assert n > 3
+
+
 def test_adapter_save_killed_at_random_moments(tmp_path):
     """A child saving versions 1, 2, 3, ... in a loop, killed after a random delay, 25 times."""
     folder = tmp_path / "adapter"
