@@ -265,6 +265,7 @@ class AdapterFiles:
     config: dict[str, Any]
     tensors: Mapping[str, torch.Tensor]
     card: str | None = None
+    metadata: Mapping[str, str] | None = None  # extra safetensors metadata, e.g. {"spp_adapter": name}
 
 
 # Fields that only say where the base lives: re-keying an adapter to a pushed base (or fixing a moved
@@ -280,7 +281,7 @@ def config_sha256(config: dict[str, Any]) -> str:
 def _write_adapter_into(folder: Path, files: AdapterFiles, metadata: Mapping[str, str] | None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     config_bytes = json_bytes(files.config)
-    meta = {"format": "pt", **(metadata or {}), CONFIG_HASH_KEY: config_sha256(files.config)}
+    meta = {"format": "pt", **(metadata or {}), **(files.metadata or {}), CONFIG_HASH_KEY: config_sha256(files.config)}
     # weights first: in a folder written in place, a crash then leaves new weights with the old config,
     # which the recorded hash rejects, instead of a config that silently names other weights
     atomic_save_safetensors(files.tensors, folder / WEIGHTS_NAME, metadata=meta)

@@ -48,8 +48,12 @@ def test_adapter_round_trip_and_kept_entries(tmp_path):
     (folder / "checkpoint-2").mkdir(parents=True)
     (folder / "checkpoint-2" / "optimizer.pt").write_text("opt")
     tensors = {"x": torch.arange(6.0).reshape(2, 3)}
-    write_adapters(folder, {"": artifacts.AdapterFiles({"r": 2}, tensors, "root"),
+    write_adapters(folder, {"": artifacts.AdapterFiles({"r": 2}, tensors, "root", {"spp_adapter": "a"}),
                             "b": artifacts.AdapterFiles({"r": 3}, tensors)})  # fmt: skip
+    from safetensors import safe_open
+
+    with safe_open(str(folder / WEIGHTS_NAME), "pt") as handle:
+        assert handle.metadata()["spp_adapter"] == "a" and handle.metadata()["format"] == "pt"
     config, loaded = read_adapter_files(folder)
     assert config == {"r": 2} and torch.equal(loaded["x"], tensors["x"])
     assert read_adapter_files(folder / "b")[0] == {"r": 3}
