@@ -174,16 +174,15 @@ class _FusedSPP(torch.autograd.Function):
             keep = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
             x_branch = x2 * keep / (1.0 - dropout_p)
         outs = []
-        for _, _, w, f in _chunks(weight, alpha, beta):
+        for start, rows, w, f in _chunks(weight, alpha, beta):
             w32 = w.to(f.dtype)
+            b = None if bias is None else bias[start : start + rows].to(dtype)  # added as F.linear does: β = 0 is the base bit for bit
             if keep is None:  # W_eff = W + s·W⊙F
-                y = x2 @ torch.addcmul(w32, w32, f, value=scale, out=f).to(dtype).t()
+                y = F.linear(x2, torch.addcmul(w32, w32, f, value=scale, out=f).to(dtype), b)
             else:  # base + s · branch, the branch on dropped-out inputs
-                y = torch.addmm(x2 @ w.to(dtype).t(), x_branch, f.mul_(w32).to(dtype).t(), alpha=scale)
+                y = torch.addmm(F.linear(x2, w.to(dtype), b), x_branch, f.mul_(w32).to(dtype).t(), alpha=scale)
             outs.append(y)
         y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
-        if bias is not None:
-            y = y + bias
         ctx.save_for_backward(x, keep, weight, alpha_in, beta_in)
         ctx.scale, ctx.dropout_p, ctx.has_bias = scale, dropout_p, bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])

@@ -38,7 +38,7 @@ from .config import CONFIG_NAME, WEIGHTS_NAME, SPPConfig
 from .distill import DistillationMixin
 from .files import atomic_save_safetensors, atomic_write_text
 from .loading import SPPMismatchError, check_fingerprint, read_adapter_weights, save_adapter
-from .model import SPPModelMixin, find_target_modules, get_spp_model
+from .model import SPPModelMixin, find_target_modules, get_spp_model, refuse_if_merged
 from .sharding import (
     _full,
     _is_zero3,
@@ -205,6 +205,7 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
                     "The model already has SPP layers; pass spp_config=None to train them, or pass the plain "
                     "pruned base together with spp_config."
                 )
+            refuse_if_merged(model, "train")
             for _, layer in model.spp_layers():
                 layer.set_trainable(True)
             return model

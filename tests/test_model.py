@@ -52,7 +52,7 @@ IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_inject_train_save_load_merge(arch, dtype, tmp_path):
     model = pruned(arch, dtype)
     base_masks = masks(model)
@@ -63,7 +63,9 @@ def test_inject_train_save_load_merge(arch, dtype, tmp_path):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith(("spp_alpha.default", "spp_beta.default")) for n in trainable)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
-    torch.testing.assert_close(model(IDS).logits, base_logits)  # β = 0: starts as the pruned base
+    # β = 0: starts as the pruned base (fp16 GEMMs on W_eff vs Conv1D's (in, out) layout round differently)
+    start_tol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float16 else {}
+    torch.testing.assert_close(model(IDS).logits, base_logits, **start_tol)
     train_steps(model)
     spp_logits = model(IDS).logits
     assert not torch.allclose(spp_logits.float(), base_logits.float(), atol=1e-4)
