@@ -37,7 +37,8 @@ class Prepared:
     trainer: Any
     trainable_parameters: int  # the weights the method can change (masked full FT: the non-zero ones)
     merge: Callable[[], nn.Module]  # after training: a plain transformers model
-    card: Callable[[nn.Module], str] | None = None  # model card of the merged model, if the method writes one
+    card: Callable[[nn.Module], str]  # the merged model's card
+    kind: str = "merged"  # sparsity.json kind of the merged model (artifacts.MODEL_KINDS)
 
 
 PrepareFn = Callable[["PipelineConfig", Path, Any, Any, dict[str, Any], Zeros], Prepared]
@@ -82,6 +83,18 @@ def _trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def baseline_card(label: str, pruned: Path) -> Callable[[nn.Module], str]:
+    """The card of a merged baseline (LoRA*, masked full fine-tuning) on the pruned base."""
+
+    def card(model: nn.Module) -> str:
+        from .cards import render_baseline_merged_card
+        from .sparsity import sparsity_report
+
+        return render_baseline_merged_card(label, str(pruned), sparsity_report(model).to_dict())
+
+    return card
+
+
 # --------------------------------------------------------------------------- adapters trained like SPP
 def adapter_method(make_config: Callable[["PipelineConfig"], Any]) -> PrepareFn:
     """An spp-hf adapter (SPPConfig, or any config `get_spp_model` takes): trained with SPPSFTTrainer on the
@@ -102,9 +115,9 @@ def adapter_method(make_config: Callable[["PipelineConfig"], Any]) -> PrepareFn:
             return trainer.model.merge_and_unload()
 
         def card(model: nn.Module) -> str:
-            return render_merged_card(config, sparsity_report(model).to_dict())
+            return render_merged_card(config, sparsity_report(model).to_dict(), dataset_name=cfg.train.data)
 
-        return Prepared(trainer, _trainable(trainer.model), merge, card)
+        return Prepared(trainer, _trainable(trainer.model), merge, card, kind="spp-merged")
 
     return prepare
 
@@ -138,7 +151,7 @@ def _prepare_lora_star(cfg, pruned, data, args, trainer_kwargs, zeros) -> Prepar
                 weight[zeros[name]] = 0.0  # LoRA's update is dense: re-apply the pruning mask
         return plain
 
-    return Prepared(trainer, _trainable(trainer.model), merge)
+    return Prepared(trainer, _trainable(trainer.model), merge, baseline_card("LoRA*", pruned))
 
 
 # --------------------------------------------------------------------------- masked full fine-tuning
@@ -158,7 +171,23 @@ def _prepare_masked_full(cfg, pruned, data, args, trainer_kwargs, zeros) -> Prep
         keeper.remove()
         return trainer.model
 
-    return Prepared(trainer, keeper.trainable_parameters, merge)
+    return Prepared(trainer, keeper.trainable_parameters, merge, _masked_full_card(pruned, cfg.train.target_modules))
+
+
+def _masked_full_card(pruned: Path, targets: list[str]) -> Callable[[nn.Module], str]:
+    # The baseline card template describes LoRA* (mask re-applied after merging), which this is not.
+    def card(model: nn.Module) -> str:
+        from .sparsity import sparsity_report
+
+        report = sparsity_report(model)
+        return (
+            f"# {pruned.name} + masked full fine-tuning\n\nThe pruned model `{pruned}` with every non-zero weight of its "
+            f"{', '.join(targets)} layers fine-tuned; gradients and optimizer updates were masked by the pruning mask, "
+            f"so it has exactly the base's zeros ({report.ratio:.2%} zeros{f', {report.pattern}' if report.pattern else ''} "
+            "in the linear layers) and loads as a plain transformers model.\n"
+        )
+
+    return card
 
 
 register("spp", Method("SPP", lambda cfg: cfg.train.learning_rate, adapter_method(_spp_config)))

@@ -33,7 +33,7 @@ import torch
 
 from .config import DEFAULT_TARGETS
 from .files import atomic_write_text
-from .methods import Zeros, get_method, linear_zeros, load_plain
+from .methods import Prepared, get_method, linear_zeros, load_plain
 
 logger = logging.getLogger(__name__)
 
@@ -398,6 +398,7 @@ def stage_method(cfg: PipelineConfig, pruned: Path, variant: Variant) -> Path:
         return merged
     base, tokenizer = load_plain(pruned)
     zeros = linear_zeros(base)
+    reference = linear_fingerprint(base)  # every linear layer's mask, the bit-for-bit reference of the merged model
     del base
     gc.collect()
     from .peak_memory import peak_memory, reset_peak_memory
@@ -422,32 +423,29 @@ def stage_method(cfg: PipelineConfig, pruned: Path, variant: Variant) -> Path:
         "peak_memory_bytes": memory["bytes"], "peak_memory_kind": memory["kind"],
     }  # fmt: skip
     atomic_write_text(train_dir / "metrics.json", json.dumps(metrics, indent=2))
-    model = prepared.merge()
-    _check_same_zeros(zeros, model, variant.name)
-    _save_model_dir(model, tokenizer, merged, prepared.card(model) if prepared.card else None)
+    save_merged(prepared.merge(), tokenizer, merged, prepared, reference, variant, vcfg.train.data)
     return merged
 
 
-def _save_model_dir(model, tokenizer, out: Path, card: str | None = None) -> None:
-    """Save a plain checkpoint (+ tokenizer, card) into a staging folder renamed onto `out` when complete."""
-    from .files import atomic_dir
+def linear_fingerprint(model) -> dict:
+    """The mask fingerprint of every linear layer of `model` (the output embedding excluded)."""
+    from .sparsity import fingerprint_modules, iter_linear_weights
 
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if card is not None:
-            (tmp / "README.md").write_text(card)
+    with torch.no_grad():
+        return fingerprint_modules(iter_linear_weights(model))
 
 
-def _check_same_zeros(expected: Zeros, model, what: str) -> None:
-    """The merged model must have exactly the pruned base's zeros (every linear weight, bit for bit)."""
-    found = linear_zeros(model)
-    bad = sorted(set(expected) ^ set(found)) + [n for n in expected if n in found and not torch.equal(expected[n], found[n])]
-    if bad:
-        raise RuntimeError(
-            f"{what}: the zero pattern differs from the pruned base in {len(bad)} linear layers ({bad[:3]}); "
-            "the merged model was not saved. This is a bug in the method's merge: please report it."
+def save_merged(model, tokenizer, out: Path, prepared: Prepared, reference: dict, variant: Variant, data: str) -> None:
+    """Write the merged model folder (checkpoint, sparsity.json, card), refused unless its zeros are the base's, bit for bit."""
+    from .artifacts import model_sparsity_record, write_model_folder
+
+    try:
+        record = model_sparsity_record(
+            model, prepared.kind, base_mask_fingerprint=reference, method=variant.method, seed=variant.seed, training_data=data
         )
+    except ValueError as err:
+        raise RuntimeError(f"{variant.name}: {err} This is a bug in the method's merge: please report it.") from None
+    write_model_folder(model, tokenizer, out, prepared.card(model), record)
 
 
 def stage_eval(cfg: PipelineConfig, paths: dict[str, Path]) -> dict[str, dict]:

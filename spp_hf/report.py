@@ -30,18 +30,22 @@ def _read_json(path: Path, default: Any = None) -> Any:
     return json.loads(path.read_text()) if path.exists() else default
 
 
-def _layer_zeros(model_dir: Path) -> list[tuple[str, float]]:
-    """Per-layer zero ratio of a saved checkpoint, read from its safetensors without loading the model."""
+def saved_fingerprint(model_dir: Path, modules: list[str]) -> dict:
+    """Mask fingerprint of `modules` as saved in a checkpoint's safetensors (read without loading the model)."""
     from safetensors import safe_open
 
-    rows = []
+    from .sparsity import fingerprint_modules
+
+    tensors = {}
     for file in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if key.endswith("proj.weight") or key.endswith(("c_attn.weight", "c_fc.weight")):
-                    t = f.get_tensor(key)
-                    rows.append((key.removesuffix(".weight"), (t == 0).float().mean().item()))
-    return rows
+            keys = set(f.keys())
+            tensors.update({m: f.get_tensor(f"{m}.weight") for m in modules if f"{m}.weight" in keys})
+    return fingerprint_modules((m, tensors[m]) for m in modules if m in tensors)
+
+
+def _zero_ratios(fingerprint: dict) -> list[float]:
+    return [m["zeros"] / math.prod(m["shape"]) for m in fingerprint["modules"].values()]
 
 
 def perplexities(record: dict) -> dict[str, float]:
@@ -125,11 +129,11 @@ def plot_gap_vs_cost(points: list[dict], out: Path) -> bool:
     return True
 
 
-def plot_sparsity(before: list[tuple[str, float]], after: list[tuple[str, float]], label: str, out: Path) -> None:
+def plot_sparsity(before: list[float], after: list[float], label: str, out: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot([r for _, r in before], "o", markersize=4, label="pruned base")
-    ax.plot([r for _, r in after], "x", markersize=4, label=f"{label} merged")
+    ax.plot(before, "o", markersize=4, label="pruned base")
+    ax.plot(after, "x", markersize=4, label=f"{label} merged")
     ax.set_xlabel("linear layer (index)")
     ax.set_ylabel("zero ratio")
     ax.set_ylim(0, 1)
@@ -179,7 +183,7 @@ def _results_table(results: dict[str, dict], labels: dict[str, str], metrics: di
 
 
 def _summary_table(results: dict[str, dict], runs: Sequence["Variant"]) -> list[str]:
-    """Mean (min–max) over seeds for every `methods:` entry that ran at more than one seed."""
+    """Per `methods:` entry, mean perplexity (min–max over seeds) and mean gap closed, when some entry has several seeds."""
     groups: dict[str, list[str]] = {}
     for v in runs:
         if v.name in results:
@@ -187,13 +191,16 @@ def _summary_table(results: dict[str, dict], runs: Sequence["Variant"]) -> list[
     if all(len(names) < 2 for names in groups.values()):
         return []
     texts = list(perplexities(next(iter(results.values()))))
-    header = "| method | seeds |" + "".join(f" {TEXT_LABELS.get(t, t)} ppl, mean (min–max) |" for t in texts)
-    lines = ["## Across seeds", "", header, "|" + " --- |" * (header.count("|") - 1)]
+    header = "| method | seeds |" + "".join(f" {TEXT_LABELS.get(t, t)} ppl | gap |" for t in texts)
+    lines = ["## Across seeds", "", "Mean perplexity over seeds (min–max) and mean gap closed.", "",
+             header, "|" + " --- |" * (header.count("|") - 1)]  # fmt: skip
     for entry, names in groups.items():
         cells = ""
         for t in texts:
             values = [perplexities(results[n])[t] for n in names]
-            cells += f" {mean(values):.2f} ({min(values):.2f}–{max(values):.2f}) |"
+            spread = f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else ""
+            gap = [g[t] for g in (gaps(results, n) for n in names) if t in g]
+            cells += f" {mean(values):.2f}{spread} | {f'{100 * mean(gap):.1f}%' if gap else ''} |"
         lines.append(f"| {entry} | {len(names)} |{cells}")
     return lines + [""]
 
@@ -251,17 +258,25 @@ def write_report(cfg: "PipelineConfig", runs: Sequence["Variant"], results: dict
 
 
 def _sparsity_section(run_dir: Path, runs: Sequence["Variant"]) -> list[str]:
+    """Each saved merged model's zero masks against the pruned base's, read back from the files (`zero_mask_differences`)."""
+    from .artifacts import read_sparsity_json, sparsity_fingerprint
+    from .sparsity import zero_mask_differences
+
     pruned_dir = run_dir / "pruned"
     merged = [v for v in runs if (run_dir / v.name / "merged" / "config.json").exists()]
-    if not pruned_dir.exists() or not merged:
+    recorded = sparsity_fingerprint(read_sparsity_json(pruned_dir))
+    if not recorded or not merged:
         return []
-    before = _layer_zeros(pruned_dir)
-    overall = sum(r for _, r in before) / max(1, len(before))
+    modules = list(recorded["modules"])  # the layers the pruning zeroed
+    before = saved_fingerprint(pruned_dir, modules)
+    ratios = _zero_ratios(before)
     lines = ["## Sparsity before and after merge", "",
-             f"{len(before)} linear layers, mean zero ratio {overall:.4f}. Every merged model's zeros were compared bit "
-             "for bit with the pruned base's before it was saved; per-layer zero ratios of the saved models:", ""]  # fmt: skip
+             f"{len(modules)} pruned linear layers, mean zero ratio {mean(ratios):.4f}. Every merged model's zeros were checked "
+             "bit for bit against the pruned base's before it was saved; read back from the saved files:", ""]  # fmt: skip
     for v in merged:
-        after = _layer_zeros(run_dir / v.name / "merged")
-        lines.append(f"- {v.label}: {'identical to' if after == before else 'DIFFER from'} the pruned base's")
-    plot_sparsity(before, _layer_zeros(run_dir / merged[0].name / "merged"), merged[0].label, run_dir / "sparsity.png")
+        problems = zero_mask_differences(before, saved_fingerprint(run_dir / v.name / "merged", modules))
+        verdict = "identical to the pruned base's" if not problems else f"DIFFER from the pruned base's in {len(problems)} layers ({problems[0]})"
+        lines.append(f"- {v.label}: zero masks {verdict}")
+    after = _zero_ratios(saved_fingerprint(run_dir / merged[0].name / "merged", modules))
+    plot_sparsity(ratios, after, merged[0].label, run_dir / "sparsity.png")
     return lines + ["", "![per-layer sparsity](sparsity.png)", ""]

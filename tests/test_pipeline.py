@@ -57,6 +57,9 @@ def test_pipeline_compares_every_method_resumes_and_keeps_zeros(tiny_dense, tmp_
             assert torch.equal(w == 0, base_w[name] == 0), (variant, name)
             changed |= not torch.equal(w, base_w[name])
         assert changed, f"{variant} did not train"  # the weights moved, only not at the zeros
+        record = json.loads((run / variant / "merged" / "sparsity.json").read_text())
+        assert record["kind"] == ("spp-merged" if variant.startswith("spp") else "merged") and record["method"] in variant
+        assert record["mask_fingerprint"] == record["base_mask_fingerprint"]
         assert any((w == 0).float().mean() > 0.49 for _, w in iter_linear_weights(merged))
     results = {v: json.loads((run / "eval" / f"{v}.json").read_text()) for v in ("dense", "pruned") + VARIANTS}
     assert all(math.isfinite(r["ppl"]) and r["ppl_windows"] == 2 for r in results.values())
@@ -80,7 +83,7 @@ def test_pipeline_compares_every_method_resumes_and_keeps_zeros(tiny_dense, tmp_
 
     report = (run / "report.md").read_text()
     for text in ("| model | WikiText-2 ppl | gap | Wikipedia val. ppl | gap | C4 held-out ppl | gap | spp_copa acc |",
-                 "SPP s1", "LoRA* s0", "masked full FT s0", "## Across seeds", "| spp | 2 |", "gap_vs_cost.png",
+                 "SPP s1", "LoRA* s0", "masked full FT s0", "## Across seeds", "| spp | 2 |", "| masked_full | 1 |", "gap_vs_cost.png",
                  "language-modelling loss", "± "):  # fmt: skip
         assert text in report, text
     assert report.count("identical to the pruned base") == 4 and "DIFFER" not in report
@@ -89,6 +92,35 @@ def test_pipeline_compares_every_method_resumes_and_keeps_zeros(tiny_dense, tmp_
     stamp = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
     _run(tiny_dense, tmp_path, "fast", FAST + EVERY_METHOD)
     assert stamp == {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+
+    # the report reads the zeros back from the saved files: a merged model altered on disk is called out
+    from safetensors.torch import load_file, save_file
+
+    file = next((run / "lora_star_s0" / "merged").glob("*.safetensors"))
+    tensors = load_file(file)
+    key = next(k for k in tensors if k.endswith("down_proj.weight"))
+    tensors[key][tensors[key] == 0] = 1e-3
+    save_file(tensors, file, metadata={"format": "pt"})
+    _run(tiny_dense, tmp_path, "fast", FAST + EVERY_METHOD)
+    report = (run / "report.md").read_text()
+    assert report.count("identical to the pruned base") == 3 and "LoRA* s0: zero masks DIFFER from the pruned base's in 1 layers" in report
+
+
+def test_a_merged_model_without_the_base_zeros_is_not_saved(tmp_path):
+    from conftest import make_tiny_model, prune_magnitude_nm_
+
+    from spp_hf.methods import Prepared
+    from spp_hf.pipeline import Variant, linear_fingerprint, save_merged
+
+    model = make_tiny_model("llama")
+    prune_magnitude_nm_(model)
+    reference = linear_fingerprint(model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, :4] = 0.5  # a merge that filled four zeros (or made new ones)
+    prepared = Prepared(trainer=None, trainable_parameters=0, merge=lambda: model, card=lambda m: "card")
+    with pytest.raises(RuntimeError, match="spp_s0: .*model.layers.1.mlp.up_proj: zero mask differs"):
+        save_merged(model, None, tmp_path / "merged", prepared, reference, Variant("spp_s0", "spp", "spp", 0), "wiki-pretrain")
+    assert not (tmp_path / "merged").exists()
 
 
 def test_pipeline_trains_on_packed_plain_text_at_most_once(tiny_dense, tmp_path):
