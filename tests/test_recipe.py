@@ -105,8 +105,10 @@ def test_sft_data_tells_alpaca_from_plain_text(tmp_path):
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i}", "url": "u"}) for i in range(5)))
     rows, packed = load_sft_data(str(tmp_path / "t.jsonl"), max_samples=4)
     assert packed and rows.column_names == ["text"] and rows["text"] == ["doc 0", "doc 1", "doc 2", "doc 3"]
-    c4, packed = load_sft_data("c4-sample")
-    assert packed and len(c4) == 200 and all(len(t) > 0 for t in c4["text"])
+    c4, packed = load_sft_data("c4-sample")  # the calibration half of the bundled C4 sample; the rest is held out
+    assert packed and len(c4) == 100 and all(len(t) > 0 for t in c4["text"])
+    wiki, packed = load_sft_data("wiki-pretrain", max_samples=3)  # gzip-compressed JSON Lines
+    assert packed and len(wiki) == 3 and wiki.column_names == ["text"] and all(len(t) > 200 for t in wiki["text"])
     (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}))
     with pytest.raises(ValueError, match="neither Alpaca .* nor plain text.*question"):
         load_sft_data(str(tmp_path / "qa.jsonl"))
