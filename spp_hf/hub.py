@@ -35,7 +35,8 @@ from .artifacts import (
     README_NAME,
     SPARSITY_NAME,
     WEIGHTS_NAME,
-    atomic_write_text,
+    atomic_write_bytes,
+    json_bytes,
     model_sparsity_record,
     read_adapter_files,
     read_sparsity_json,
@@ -69,7 +70,8 @@ def push_folder(
     """Upload a folder (pruned base, adapter or merged model) to a Hub repo in one commit.
 
     Creates the repo (and the `revision` branch) if missing. A README.md that still names the
-    cards' placeholder repo id is uploaded with `repo_id` filled in (the folder itself is not changed).
+    cards' placeholder repo id is uploaded with `repo_id` filled in, and paths of this machine in the
+    card and sparsity.json are left out (`_public_view`; the folder itself is not changed).
     Returns the `CommitInfo` (a `str`: the commit url; `.oid` is the commit sha).
     """
     folder = Path(folder)
@@ -80,7 +82,7 @@ def push_folder(
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision is not None and not revision.startswith("refs/pr/"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        with _card_filled(folder, repo_id) as upload_dir:
+        with _public_view(folder, repo_id) as upload_dir:
             return api.upload_folder(
                 repo_id=repo_id,
                 folder_path=upload_dir,
@@ -273,14 +275,30 @@ def describe_folder(folder: str | os.PathLike) -> str:
 
 
 @contextmanager
-def _card_filled(folder: Path, repo_id: str) -> Iterator[Path]:
-    """`folder`, or a mirror of it (files symlinked) whose README.md names `repo_id` instead of the placeholder."""
+def _public_view(folder: Path, repo_id: str) -> Iterator[Path]:
+    """`folder`, or a mirror of it (files symlinked) fit for the Hub: the card names `repo_id` instead of the
+    placeholder, and paths of this machine in the card and sparsity.json are dropped (with a warning)."""
     from .cards import PLACEHOLDER_REPO_ID, fill_repo_id
 
+    rewritten: dict[str, bytes] = {}
+    card_paths: list[str] = []
+    json_paths: list[str] = []
     readme = folder / README_NAME
-    if not readme.is_file() or PLACEHOLDER_REPO_ID not in readme.read_text(encoding="utf-8"):
+    if readme.is_file():
+        text, card_paths = strip_local_paths(readme.read_text(encoding="utf-8"))
+        if card_paths or PLACEHOLDER_REPO_ID in text:
+            rewritten[README_NAME] = fill_repo_id(text, repo_id).encode("utf-8")
+    data = read_sparsity_json(folder / SPARSITY_NAME)
+    if data is not None:
+        public, json_paths = _without_local_paths(data)
+        if json_paths:
+            rewritten[SPARSITY_NAME] = json_bytes(public)
+    if not rewritten:
         yield folder
         return
+    dropped = sorted(set(card_paths) | set(json_paths))
+    if dropped:
+        warnings.warn(f"Not publishing paths of this machine found in {folder}: {dropped[:3]}", stacklevel=4)
     with tempfile.TemporaryDirectory(prefix="spp-upload-") as tmp:
         mirror = Path(tmp)
         for root, dirs, files in os.walk(folder):
@@ -288,10 +306,45 @@ def _card_filled(folder: Path, repo_id: str) -> Iterator[Path]:
             target = mirror / Path(root).relative_to(folder)
             target.mkdir(parents=True, exist_ok=True)
             for name in files:
-                os.symlink(Path(root).resolve() / name, target / name)
-        (mirror / README_NAME).unlink()
-        atomic_write_text(mirror / README_NAME, fill_repo_id(readme.read_text(encoding="utf-8"), repo_id))
+                if Path(root) == folder and name in rewritten:
+                    atomic_write_bytes(target / name, rewritten[name])
+                else:
+                    os.symlink(Path(root).resolve() / name, target / name)
         yield mirror
+
+
+_ABS_PATH_RE = re.compile(r"(?<![\w.:/~-])/(?:[\w.+@-]+/)*[\w.+@-]+")
+_LOCAL_FOLDER_RE = re.compile(r"`([^`\n]+)` \(a local folder\)")
+
+
+def _is_local_path(value: str) -> bool:
+    return len(value) > 1 and ("/" in value or os.sep in value) and os.path.exists(os.path.expanduser(value))
+
+
+def strip_local_paths(text: str) -> tuple[str, list[str]]:
+    """`text` without paths of this machine (absolute paths that exist here, and the cards' "(a local folder)")."""
+    found: list[str] = []
+
+    def drop(match: re.Match, keep: str) -> str:
+        found.append(match.group(1) if match.groups() else match.group(0))
+        return keep
+
+    text = _LOCAL_FOLDER_RE.sub(lambda m: drop(m, "a local folder (not published)"), text)
+    text = _ABS_PATH_RE.sub(lambda m: drop(m, Path(m.group(0)).name) if _is_local_path(m.group(0)) else m.group(0), text)
+    return text, found
+
+
+def _without_local_paths(value: Any) -> tuple[Any, list[str]]:
+    """JSON data with every string naming an existing local path replaced by None, and those paths."""
+    if isinstance(value, dict):
+        pairs = [(k, _without_local_paths(v)) for k, v in value.items()]
+        return {k: v for k, (v, _) in pairs}, [p for _, (_, paths) in pairs for p in paths]
+    if isinstance(value, list):
+        items = [_without_local_paths(v) for v in value]
+        return [v for v, _ in items], [p for _, paths in items for p in paths]
+    if isinstance(value, str) and _is_local_path(value):
+        return None, [value]
+    return value, []
 
 
 @contextmanager

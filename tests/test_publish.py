@@ -151,3 +151,27 @@ def test_base_commit_is_the_loaded_revision_not_main(hub, tmp_path, monkeypatch)
         warnings.simplefilter("always")
         assert base_commit(REPO) is None
     assert any("records none" in str(w.message) for w in caught)
+
+
+def test_push_folder_leaves_out_local_paths(hub, tmp_path, monkeypatch):  # noqa: F811
+    """A pruned base made from a local model (what `spp-hf prune --model DIR --push-to-hub` pushes)."""
+    from spp_hf.cards import render_pruned_base_card
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    dense = tmp_path / "dense-model"
+    dense.mkdir()
+    model = make_tiny_model("llama")
+    prune_magnitude_nm_(model)
+    record = model_sparsity_record(model, "pruned-base", base_model=str(dense), calibration=str(dense / "calib.jsonl"))
+    card = render_pruned_base_card(str(dense), "magnitude", "2:4", "none", record)
+    assert str(dense) in card
+    (dense / "calib.jsonl").write_text("{}")
+    write_model_folder(model, None, tmp_path / "pruned", card, record)
+    with pytest.warns(UserWarning, match="Not publishing paths of this machine"):
+        push_folder(tmp_path / "pruned", REPO)
+    files = pushed_files(hub, REPO)
+    assert not [name for name, data in files.items() if str(tmp_path).encode() in data]
+    pushed = json.loads(files["sparsity.json"])
+    assert pushed["base_model"] is None and pushed["calibration"] is None
+    assert pushed["mask_fingerprint"] == record["mask_fingerprint"]
+    assert json.loads((tmp_path / "pruned" / "sparsity.json").read_text())["base_model"] == str(dense)  # folder untouched
