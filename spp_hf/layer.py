@@ -280,6 +280,8 @@ class AdapterKind:
         key suffixes in adapter files, ``<module>.<param_name>``).
     setting_names: per-adapter plain settings, kept in dicts of the same names on the layer.
     settings(config) -> {setting: value}.
+    validate(in_features, out_features, config, module_name): raise if the config cannot fit such a
+        layer (SPP: r must divide out_features); runs before anything is built or wrapped.
     init(layer, config, device) -> {param_name: tensor}: fresh tensors for a new adapter.
     trainable(settings) -> the param names that train, given `settings(config)` (others stay frozen).
     forward(layer, adapter_name, x, *args, **kwargs) -> Y with the adapter applied.
@@ -291,6 +293,7 @@ class AdapterKind:
     param_names: tuple[str, ...]
     setting_names: tuple[str, ...]
     settings: Callable[[Any], dict[str, Any]]
+    validate: Callable[[int, int, Any, str], None]
     init: Callable[["SPPLinear", Any, torch.device], dict[str, torch.Tensor]]
     trainable: Callable[[dict[str, Any]], tuple[str, ...]]
     forward: Callable[..., torch.Tensor]
@@ -368,8 +371,7 @@ class SPPLinear(nn.Module):
     def check_config(self, config: Any, name: str = "") -> AdapterKind:
         """Validate a config for this layer (type, r) without changing anything; returns its kind."""
         kind = adapter_kind(config)
-        if self.out_features % config.r:
-            raise ValueError(valid_r_message(name, self.out_features, config.r))
+        kind.validate(self.in_features, self.out_features, config, name)
         return kind
 
     def adapter_shapes(self, config: Any, name: str = "") -> dict[str, tuple[int, ...]]:
@@ -540,6 +542,11 @@ def _spp_settings(config: Any) -> dict[str, Any]:
     return dict(r=config.r, scale=config.scale, dropout=config.dropout, impl=config.impl, use_beta=config.use_beta)
 
 
+def _spp_validate(in_features: int, out_features: int, config: Any, name: str) -> None:
+    if out_features % config.r:
+        raise ValueError(valid_r_message(name, out_features, config.r))
+
+
 def _spp_trainable(settings: dict[str, Any]) -> tuple[str, ...]:
     return ("spp_alpha", "spp_beta") if settings["use_beta"] else ("spp_alpha",)
 
@@ -588,6 +595,7 @@ def _register_spp_kind() -> None:
             param_names=("spp_alpha", "spp_beta"),
             setting_names=("r", "scale", "dropout", "impl", "use_beta"),
             settings=_spp_settings,
+            validate=_spp_validate,
             init=_spp_init,
             trainable=_spp_trainable,
             forward=_spp_forward,

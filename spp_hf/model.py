@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import SPPConfig
-from .layer import SPPLinear, adapter_kind, check_adapter_name, valid_r_message
+from .layer import SPPLinear, adapter_kind, check_adapter_name
 from .weights import in_out_features, is_linear_like
 
 _MIXED_CLASSES: dict[type, type] = {}
@@ -41,7 +41,7 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
 
 def validate_targets(model: nn.Module, names: list[str], config: Any) -> None:
     """Check every target before anything is changed, so a bad config leaves the model untouched:
-    each exists, is linear-like, has an out_features that r divides, and owns its weight (not tied)."""
+    each exists, is linear-like, fits the adapter kind (SPP: r divides out_features), and owns its weight (not tied)."""
     if not names:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear_like(m)})
         raise ValueError(
@@ -61,9 +61,7 @@ def validate_targets(model: nn.Module, names: list[str], config: Any) -> None:
                 f"Module {name!r} is a {type(module).__name__}; SPP wraps only nn.Linear, transformers "
                 "Conv1D and bitsandbytes Linear4bit/Linear8bitLt. Remove it from target_modules."
             )
-        _, out_features = in_out_features(module)
-        if out_features % config.r:
-            raise ValueError(valid_r_message(name, out_features, config.r))
+        adapter_kind(config).validate(*in_out_features(module), config, name)
         shared = [p for p in owners.get(id(module.weight), []) if p != f"{name}.weight"]
         if shared:
             raise ValueError(

@@ -247,3 +247,54 @@ def test_fused_chunking_is_exact(monkeypatch, chunk_bytes, dropout, sliced):
     if dropout == 0.0:
         torch.testing.assert_close(fused(x, alpha, beta), paper_reference(x, w, lin.bias.detach(), alpha, beta, 2.0))
     assert torch.autograd.gradcheck(fused, (x, alpha, beta))
+
+
+def test_a_second_adapter_kind_plugs_in(monkeypatch):
+    """Another config class + its ParameterDicts + math functions: the layer dispatches on the config type,
+    and named adapters, trainability, merge and unmerge work for it unchanged (a per-row gain g as the toy)."""
+    from dataclasses import dataclass
+
+    import torch.nn.functional as F
+
+    import spp_hf.layer as layer_mod
+
+    monkeypatch.setattr(layer_mod, "ADAPTER_KINDS", dict(layer_mod.ADAPTER_KINDS))
+    monkeypatch.setattr(SPPLinear, "adapter_layer_names", SPPLinear.adapter_layer_names)
+    monkeypatch.setattr(SPPLinear, "other_param_names", SPPLinear.other_param_names)
+
+    @dataclass
+    class GainConfig:
+        scale: float = 0.5
+
+    def forward(layer, name, x):  # Y = X Wᵀ + s·X (W ⊙ g)ᵀ
+        return layer.base_layer(x) + layer.gain_scale[name] * F.linear(x, layer.weight * layer.toy_g[name])
+
+    layer_mod.register_adapter_kind(
+        layer_mod.AdapterKind(
+            config_class=GainConfig, param_names=("toy_g",), setting_names=("gain_scale",),
+            settings=lambda c: {"gain_scale": c.scale}, validate=lambda i, o, c, n: None,
+            init=lambda layer, c, device: {"toy_g": torch.zeros(layer.out_features, 1, device=device)},
+            trainable=lambda s: ("toy_g",), forward=forward,
+            merged_weight=lambda layer, name, w: w * (1 + layer.gain_scale[name] * layer.toy_g[name].to(w.dtype)),
+        )
+    )  # fmt: skip
+    lin = sparse_linear(dtype=torch.float32)
+    original = lin.weight.detach().clone()
+    layer = spp(lin, r=4)
+    layer.update_layer("gain", GainConfig())
+    assert layer.adapter_names == ["default", "gain"] and layer.active_adapter == "default"
+    layer.set_adapter("gain")
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["toy_g.gain"]
+    with torch.no_grad():
+        layer.adapter_parameters()["toy_g"].copy_(torch.randn(48, 1))
+    g = layer.toy_g["gain"].detach()
+    x = torch.randn(5, 32)
+    ref = x @ (lin.weight * (1 + 0.5 * g)).T + lin.bias
+    torch.testing.assert_close(layer(x), ref)
+    layer.merge()
+    torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lin.weight == 0, original == 0)
+    layer.unmerge()
+    assert torch.equal(lin.weight, original)
+    layer.set_adapter("default")
+    torch.testing.assert_close(layer(x), lin(x))  # SPP β = 0
