@@ -143,7 +143,11 @@ def _inspect_model(target: str, folder: Path, location: str, data: dict | None) 
 def _check_recorded(result: Inspection, data: dict | None, found: dict) -> None:
     """The weights have the zeros their own sparsity.json records."""
     recorded = sparsity_fingerprint(data)
-    if recorded is not None:
+    if recorded is None:
+        detail = (f"no {SPARSITY_NAME} with a mask fingerprint, so there is nothing to check the zeros against; "
+                  "folders written by spp-hf (prune, merge, run, publish) have one")  # fmt: skip
+        result.checks.append(("weights match sparsity.json", False, detail))
+    else:
         problems = zero_mask_differences(recorded, found)
         detail = "; ".join(problems[:3]) or f"{len(recorded['modules'])} layers"
         result.checks.append(("weights match sparsity.json", not problems, detail))
