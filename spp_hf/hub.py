@@ -153,9 +153,7 @@ def push_adapter_folder(
     the pushed `spp_config.json` pins its commit. The local folder is not changed.
     """
     folder = Path(folder)
-    names = [""] + sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_NAME}"))
-    if not (folder / CONFIG_NAME).is_file():
-        names = names[1:]
+    names = ([""] if (folder / CONFIG_NAME).is_file() else []) + _named_adapters(folder)
     if not names:
         raise FileNotFoundError(f"{folder} holds no {CONFIG_NAME}: save the adapter there first (model.save_pretrained).")
     base_name, base_rev = split_revision(base) if base else (None, None)
@@ -178,6 +176,19 @@ def push_adapter_folder(
         write_adapters(Path(tmp) / "adapter", adapters)
         return push_folder(Path(tmp) / "adapter", repo_id, private, revision, commit_message or "Upload SPP adapter",
                            token, create_pr=create_pr)  # fmt: skip
+
+
+def _named_adapters(folder: Path) -> list[str]:
+    """Sub-folders holding a named adapter saved with the model (not a Trainer's checkpoint-N beside it):
+    their weights record the adapter's name, which is the folder's name."""
+    from safetensors import safe_open
+
+    names = []
+    for path in sorted(folder.glob(f"*/{WEIGHTS_NAME}")):
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}).get("spp_adapter") == path.parent.name and (path.parent / CONFIG_NAME).is_file():
+                names.append(path.parent.name)
+    return names
 
 
 def _rekeyed(config: dict, tensors: dict, base: str, sha: str, repo_id: str | None) -> Any:

@@ -175,3 +175,30 @@ def test_push_folder_leaves_out_local_paths(hub, tmp_path, monkeypatch):  # noqa
     assert pushed["base_model"] is None and pushed["calibration"] is None
     assert pushed["mask_fingerprint"] == record["mask_fingerprint"]
     assert json.loads((tmp_path / "pruned" / "sparsity.json").read_text())["base_model"] == str(dense)  # folder untouched
+
+
+def test_push_adapter_folder_skips_trainer_checkpoints(hub, tmp_path, monkeypatch):  # noqa: F811
+    """An adapter saved in a Trainer's output_dir: named adapters go up, checkpoint-N folders do not."""
+    from spp_hf.artifacts import AdapterFiles, write_adapter_files_in_place, write_adapters
+    from spp_hf.hub import push_adapter_folder
+    from spp_hf.sparsity import fingerprint_modules
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    model = make_tiny_model("llama")
+    prune_magnitude_nm_(model)
+    record = model_sparsity_record(model, "pruned-base")
+    write_model_folder(model, None, tmp_path / "pruned", "card", record)
+    sha = push_folder(tmp_path / "pruned", REPO).oid
+    name = "model.layers.0.mlp.down_proj"
+    fp = fingerprint_modules([(name, dict(iter_linear_weights(model))[name])])
+    config = {"r": 1, "target_modules": ["down_proj"], "base_model_name_or_path": REPO, "mask_fingerprint": fp}
+    tensors = {f"{name}.spp_alpha": torch.ones(1, 128)}
+    out = tmp_path / "out"
+    write_adapters(out, {"": AdapterFiles(config, tensors, None, {"spp_adapter": "default"}),
+                         "other": AdapterFiles(config, tensors, None, {"spp_adapter": "other"})})  # fmt: skip
+    write_adapter_files_in_place(out / "checkpoint-2", config, tensors, None, {"spp_adapter": "default"})
+    push_adapter_folder(out, f"{REPO}-spp")
+    files = pushed_files(hub, f"{REPO}-spp")
+    assert {"spp_config.json", "other/spp_config.json", "other/spp_adapter.safetensors"} <= set(files)
+    assert not [f for f in files if f.startswith("checkpoint-")]
+    assert json.loads(files["other/spp_config.json"])["base_model_revision"] == sha
