@@ -106,10 +106,8 @@ def _from_tensor(ids: torch.Tensor, nsamples: int, seqlen: int) -> CalibrationDa
 
 
 def _is_dataset(obj: Any) -> bool:
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a hard dependency
-        return False
+    import datasets
+
     return isinstance(obj, datasets.Dataset)
 
 
