@@ -338,8 +338,9 @@ class SPPLinear(nn.Module):
     buffer), so `unmerge` restores it bit for bit.
     """
 
-    adapter_layer_names: tuple[str, ...] = ()
-    other_param_names: tuple[str, ...] = ()
+    # ParameterDict / settings-dict attributes of every registered adapter kind (register_adapter_kind extends them)
+    adapter_layer_names: tuple[str, ...] = ("spp_alpha", "spp_beta")
+    other_param_names: tuple[str, ...] = ("r", "scale", "dropout", "impl", "use_beta")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str = "default", config: Any = None) -> None:
         super().__init__()
