@@ -188,6 +188,18 @@ def perplexity(
     return perplexity_result(model, tokenizer, text, seqlen, max_windows, batch_size, device).ppl
 
 
+def corpus_perplexity(
+    model: torch.nn.Module, tokenizer: Any, name: str, seqlen: int | None = None, max_windows: int | None = None, batch_size: int = 1
+) -> PerplexityResult:
+    """Perplexity on a bundled corpus (`spp_hf.corpora`, e.g. the held-out 'wiki-validation' or 'c4-heldout'):
+    its documents joined with "\\n\\n" as WikiText-2's rows are, scored like WikiText-2."""
+    from .corpora import documents
+
+    found = perplexity_result(model, tokenizer, "\n\n".join(documents(name)), seqlen, max_windows, batch_size)
+    found.source = name
+    return found
+
+
 # --------------------------------------------------------------------------- zero-shot (lm-eval)
 def resolve_tasks(spec: str | Sequence[str] | None = None, online: bool | None = None) -> list[str]:
     """Expand a user task list into lm-eval task names (order kept, duplicates dropped).
@@ -367,6 +379,7 @@ def evaluate_model(
     ppl_seqlen: int | None = None,
     ppl_windows: int | None = None,
     ppl_source: str = "auto",
+    heldout: Sequence[str] = (),
     tasks: str | Sequence[str] | None = ("offline",),
     limit: int | float | None = None,
     num_fewshot: int | None = None,
@@ -378,7 +391,8 @@ def evaluate_model(
 ) -> dict:
     """Evaluate a model object (dense, pruned, SPP or merged) or a checkpoint / SPP adapter path.
 
-    Returns {"model", "perplexity": {"wikitext2": ...}, "zero_shot": {task: ...}, "zero_shot_mean_acc", ...};
+    `heldout` adds perplexities on bundled corpora (`spp_hf.corpora`, e.g. "wiki-validation", "c4-heldout").
+    Returns {"model", "perplexity": {"wikitext2": ..., <corpus>: ...}, "zero_shot": {task: ...}, "zero_shot_mean_acc", ...};
     prints a table and, with `out`, writes the dict as JSON (atomically).
     """
     started = time.time()
@@ -397,6 +411,8 @@ def evaluate_model(
     if ppl:
         found = perplexity_result(model, tokenizer, seqlen=ppl_seqlen, max_windows=ppl_windows, batch_size=batch_size, source=ppl_source)
         results["perplexity"] = {"wikitext2": asdict(found)}
+        for name in heldout:
+            results["perplexity"][name] = asdict(corpus_perplexity(model, tokenizer, name, ppl_seqlen, ppl_windows, batch_size))
     if names:
         scores = zero_shot(model, tokenizer, names, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
         results["zero_shot"] = scores
@@ -441,13 +457,19 @@ def _run_cli(args: argparse.Namespace) -> int:
     try:
         evaluate_model(
             args.model, ppl=not args.no_ppl, ppl_seqlen=args.ppl_seqlen, ppl_windows=args.ppl_windows,
-            ppl_source=args.ppl_source, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+            ppl_source=args.ppl_source, heldout=args.heldout, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
             batch_size=args.batch_size, dtype=args.dtype, device=args.device, out=args.out,
         )  # fmt: skip
     except ValueError as err:
         print(f"spp-hf eval: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _corpus_names() -> list[str]:
+    from .corpora import CORPORA
+
+    return list(CORPORA)
 
 
 def register_cli(subparsers: Any) -> None:
@@ -461,6 +483,8 @@ def register_cli(subparsers: Any) -> None:
     parser.add_argument("--ppl-seqlen", type=int, default=None, help="perplexity window length (default: model context, at most 2048)")
     parser.add_argument("--ppl-windows", type=int, default=None, help="use only the first K windows (default: all)")
     parser.add_argument("--ppl-source", choices=("auto", "hub", "bundled"), default="auto", help="where WikiText-2 comes from")
+    parser.add_argument("--heldout", nargs="*", default=[], choices=sorted(_corpus_names()),
+                        help="also score perplexity on these bundled texts (e.g. wiki-validation c4-heldout)")  # fmt: skip
     parser.add_argument("--no-ppl", action="store_true", help="skip perplexity")
     parser.add_argument("--tasks", nargs="+", default=["offline"],
                         help="lm-eval tasks or sets: offline (bundled subsets, default), paper, default, mmlu, none, or task names")  # fmt: skip

@@ -449,8 +449,7 @@ def save_merged(model, tokenizer, out: Path, prepared: Prepared, reference: dict
 
 
 def stage_eval(cfg: PipelineConfig, paths: dict[str, Path]) -> dict[str, dict]:
-    from .corpora import documents
-    from .evaluation import perplexity_result, zero_shot
+    from .evaluation import corpus_perplexity, perplexity_result, zero_shot
 
     results = {}
     for variant, path in paths.items():
@@ -461,9 +460,7 @@ def stage_eval(cfg: PipelineConfig, paths: dict[str, Path]) -> dict[str, dict]:
             record: dict[str, Any] = {"variant": variant, "path": str(path), "ppl": ppl.ppl, "nll": ppl.nll,
                                       "ppl_windows": ppl.windows, "ppl_seqlen": ppl.seqlen, "heldout": {}}  # fmt: skip
             for name in _heldout_names(cfg):
-                found = perplexity_result(
-                    model, tokenizer, text="\n\n".join(documents(name)), seqlen=cfg.eval.ppl_seqlen, max_windows=cfg.eval.heldout_windows
-                )
+                found = corpus_perplexity(model, tokenizer, name, seqlen=cfg.eval.ppl_seqlen, max_windows=cfg.eval.heldout_windows)
                 record["heldout"][name] = {"ppl": found.ppl, "nll": found.nll, "windows": found.windows, "seqlen": found.seqlen}
             if cfg.eval.tasks and cfg.eval.tasks != "none":
                 record["zero_shot"] = zero_shot(model, tokenizer, tasks=cfg.eval.tasks, limit=cfg.eval.limit, batch_size=cfg.eval.batch_size)

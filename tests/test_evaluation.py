@@ -17,6 +17,8 @@ from spp_hf import SPPConfig, get_spp_model
 from spp_hf.cli import main as cli_main
 from spp_hf.evaluation import (
     OFFLINE_TASKS,
+    corpus_perplexity,
+    evaluate_model,
     PAPER_TASKS,
     TASKS_DIR,
     WIKITEXT2_FILE,
@@ -100,11 +102,12 @@ def check_against_direct_scoring(model, tokenizer, found: dict, tasks: list[str]
 
 
 def randomize_spp_(model) -> None:
+    """Random α and β for every adapter (by parameter name, whatever container the layer keeps them in)."""
     torch.manual_seed(1)
     with torch.no_grad():
-        for _, layer in model.spp_layers():
-            layer.spp_alpha.normal_(0, 0.5)
-            layer.spp_beta.normal_(0, 0.5)
+        for name, param in model.named_parameters():
+            if ".spp_alpha" in name or ".spp_beta" in name:
+                param.normal_(0, 0.5)
 
 
 # --------------------------------------------------------------------------- data and task lists
@@ -162,6 +165,22 @@ def test_perplexity_equals_labels_loss_reference(arch):
     assert perplexity(model, tok, text=changed, seqlen=64) == pytest.approx(found.ppl, rel=1e-6)
     few = perplexity(model, tok, text=text, seqlen=64, max_windows=3)
     assert few == pytest.approx(labels_loss_ppl(model, ids, 64, 3), rel=1e-5) and few != pytest.approx(found.ppl)
+
+
+def test_corpus_perplexity_scores_the_joined_documents_like_wikitext2():
+    from spp_hf.corpora import documents
+
+    model, tok = tiny_byte_model(), byte_tokenizer()
+    ids = tok("\n\n".join(documents("c4-heldout")), return_tensors="pt").input_ids[0]
+    found = corpus_perplexity(model, tok, "c4-heldout", seqlen=64, max_windows=4)
+    assert found.source == "c4-heldout" and found.windows == 4
+    assert found.ppl == pytest.approx(labels_loss_ppl(model, ids, 64, 4), rel=1e-5)
+    assert corpus_perplexity(model, tok, "c4-sample", seqlen=64, max_windows=4).ppl != pytest.approx(found.ppl, rel=1e-3)
+    results = evaluate_model(model, tok, ppl_seqlen=64, ppl_windows=4, ppl_source="bundled", heldout=["c4-heldout"], tasks=None, print_table=False)
+    assert set(results["perplexity"]) == {"wikitext2", "c4-heldout"}
+    assert results["perplexity"]["c4-heldout"]["ppl"] == pytest.approx(found.ppl, rel=1e-6)
+    with pytest.raises(ValueError, match="No bundled corpus named 'c4-held'"):
+        corpus_perplexity(model, tok, "c4-held", seqlen=64)
 
 
 def test_perplexity_defaults_to_wikitext2_and_model_context():
