@@ -11,6 +11,7 @@ import torch
 from conftest import TINY
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from spp_hf.cli import main as cli_main
 from spp_hf.pipeline import PipelineConfig, apply_overrides, check_data_separation, gap_closed, run_pipeline, variants
 from spp_hf.sparsity import iter_linear_weights
 
@@ -88,9 +89,10 @@ def test_pipeline_compares_every_method_resumes_and_keeps_zeros(tiny_dense, tmp_
         assert text in report, text
     assert report.count("identical to the pruned base") == 4 and "DIFFER" not in report
 
-    # a second run skips every finished stage: nothing is retrained or re-evaluated
+    # a second run, through `spp-hf run`, skips every finished stage: nothing is retrained or re-evaluated
     stamp = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
-    _run(tiny_dense, tmp_path, "fast", FAST + EVERY_METHOD)
+    args = ["run", "--set", f"model={tiny_dense}", "--set", f"output_dir={tmp_path}", "--set", "name=fast"]
+    assert cli_main(args + [a for item in FAST + EVERY_METHOD for a in ("--set", item)]) == 0
     assert stamp == {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
 
     # the report reads the zeros back from the saved files: a merged model altered on disk is called out
