@@ -326,8 +326,8 @@ def _train_data(cfg: PipelineConfig):
     return load_sft_data(cfg.train.data, max_samples=cfg.train.max_samples)
 
 
-def check_one_epoch(trainer, cfg: PipelineConfig) -> None:
-    """Raise before training when the steps would pass over the (packed) training rows more than train.max_epochs times."""
+def check_one_epoch(trainer, cfg: PipelineConfig) -> float:
+    """The passes over the (packed) training rows the steps make; raises before training when more than train.max_epochs."""
     t = cfg.train
     rows = len(trainer.train_dataset)
     needed = t.max_steps * t.batch_size * t.grad_accum * max(1, trainer.args.world_size)
@@ -338,6 +338,7 @@ def check_one_epoch(trainer, cfg: PipelineConfig) -> None:
             f"({needed / rows:.2f} epochs > train.max_epochs={t.max_epochs}): lower train.max_steps to at most {most}, "
             "train on more text, or raise train.max_epochs to repeat it on purpose."
         )
+    return needed / rows
 
 
 def _distillation(cfg: PipelineConfig) -> dict[str, Any]:
@@ -408,7 +409,7 @@ def stage_method(cfg: PipelineConfig, pruned: Path, variant: Variant) -> Path:
     lr = method.learning_rate(vcfg)
     prepared = method.prepare(vcfg, pruned, data, _training_args(vcfg, train_dir, lr, packed), _distillation(vcfg), zeros)
     trainer = prepared.trainer
-    check_one_epoch(trainer, vcfg)
+    epochs = check_one_epoch(trainer, vcfg)
     resumed_from = _checkpoint_step(train_dir)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resumed_from > 0 or None)
@@ -418,7 +419,7 @@ def stage_method(cfg: PipelineConfig, pruned: Path, variant: Variant) -> Path:
     metrics = {
         "variant": variant.name, "method": variant.method, "entry": variant.entry, "seed": variant.seed,
         "label": variant.label, "overrides": list(variant.overrides), "learning_rate": lr,
-        "trainable_parameters": prepared.trainable_parameters, "train_seconds": seconds,
+        "trainable_parameters": prepared.trainable_parameters, "train_seconds": seconds, "epochs": epochs,
         "steps": trainer.state.global_step, "resumed_from_step": resumed_from,  # seconds cover the steps after it
         "peak_memory_bytes": memory["bytes"], "peak_memory_kind": memory["kind"],
     }  # fmt: skip

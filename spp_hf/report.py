@@ -152,6 +152,11 @@ def _objective(distill_weight: float) -> str:
     return f"loss {1 - distill_weight:g}·LM + {distill_weight:g}·KL to the dense model"
 
 
+def _epochs(metrics: dict[str, dict]) -> str:
+    found = sorted({round(m["epochs"], 2) for m in metrics.values() if m.get("epochs") is not None})
+    return f" ({', '.join(f'{e:g}' for e in found)} epochs)" if found else ""
+
+
 def _acc(score: dict | None) -> str:
     if not score or score.get("acc") is None:
         return " |"
@@ -215,7 +220,7 @@ def write_report(cfg: "PipelineConfig", runs: Sequence["Variant"], results: dict
     lines += [f"Model `{cfg.model}`, pruned with {cfg.prune.method} {cfg.prune.sparsity} "
               f"({cfg.prune.nsamples} × {cfg.prune.seqlen} calibration tokens of `{cfg.prune.calibration}`). "
               f"Every method: {cfg.train.max_steps} steps × {cfg.train.batch_size * cfg.train.grad_accum} × "
-              f"{cfg.train.max_length} tokens of `{cfg.train.data}`, {_objective(cfg.train.distill_weight)}; "
+              f"{cfg.train.max_length} tokens of `{cfg.train.data}`{_epochs(metrics)}, {_objective(cfg.train.distill_weight)}; "
               f"SPP r={cfg.train.r}, s={cfg.train.scale}, dropout {cfg.train.dropout}; LoRA r={cfg.lora.r}, "
               f"alpha {cfg.lora.lora_alpha}; {', '.join(rates) or 'no method trained'}. "
               f"Wall time of this invocation: {seconds / 60:.1f} min.", ""]  # fmt: skip

@@ -73,6 +73,7 @@ def test_pipeline_compares_every_method_resumes_and_keeps_zeros(tiny_dense, tmp_
     metrics = {v: json.loads((run / v / "train" / "metrics.json").read_text()) for v in VARIANTS}
     assert [metrics[v]["seed"] for v in VARIANTS] == [0, 1, 0, 0]
     assert all(m["train_seconds"] > 0 and m["steps"] == 4 and m["peak_memory_bytes"] > 0 for m in metrics.values())
+    assert all(m["epochs"] == pytest.approx(4 * 2 / 16) for m in metrics.values())  # 8 of the 16 Alpaca rows
     targets = [w for n, w in iter_linear_weights(pruned) if n.rsplit(".", 1)[-1] in PipelineConfig().train.target_modules]
     assert metrics["masked_full_s0"]["trainable_parameters"] == sum(int((w != 0).sum()) for w in targets)
     spp_params = sum(w.shape[0] * 16 + w.shape[1] for w in targets)  # α: (out, r), β: (1, in) per targeted layer
@@ -85,7 +86,7 @@ def test_pipeline_compares_every_method_resumes_and_keeps_zeros(tiny_dense, tmp_
     report = (run / "report.md").read_text()
     for text in ("| model | WikiText-2 ppl | gap | Wikipedia val. ppl | gap | C4 held-out ppl | gap | spp_copa acc |",
                  "SPP s1", "LoRA* s0", "masked full FT s0", "## Across seeds", "| spp | 2 |", "| masked_full | 1 |", "gap_vs_cost.png",
-                 "language-modelling loss", "± "):  # fmt: skip
+                 "language-modelling loss", "± ", "of `bundled` (0.5 epochs)"):  # fmt: skip
         assert text in report, text
     assert report.count("identical to the pruned base") == 4 and "DIFFER" not in report
 
