@@ -96,9 +96,10 @@ def baseline_card(label: str, pruned: Path) -> Callable[[nn.Module], str]:
 
 
 # --------------------------------------------------------------------------- adapters trained like SPP
-def adapter_method(make_config: Callable[["PipelineConfig"], Any]) -> PrepareFn:
+def adapter_method(make_config: Callable[["PipelineConfig"], Any], kind: str = "spp-merged") -> PrepareFn:
     """An spp-hf adapter (SPPConfig, or any config `get_spp_model` takes): trained with SPPSFTTrainer on the
-    pruned base, saved to <variant>/adapter, merged with merge_and_unload (the zeros stay by construction)."""
+    pruned base, saved to <variant>/adapter, merged with merge_and_unload (the zeros stay by construction).
+    `kind` is the merged model's sparsity.json kind."""
 
     def prepare(cfg, pruned, data, args, trainer_kwargs, zeros) -> Prepared:
         from .cards import render_merged_card
@@ -117,7 +118,7 @@ def adapter_method(make_config: Callable[["PipelineConfig"], Any]) -> PrepareFn:
         def card(model: nn.Module) -> str:
             return render_merged_card(config, sparsity_report(model).to_dict(), dataset_name=cfg.train.data)
 
-        return Prepared(trainer, _trainable(trainer.model), merge, card, kind="spp-merged")
+        return Prepared(trainer, _trainable(trainer.model), merge, card, kind=kind)
 
     return prepare
 

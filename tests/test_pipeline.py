@@ -258,3 +258,24 @@ def test_heldout_texts_are_disjoint_from_training_and_calibration():
         with pytest.raises(ValueError, match="also evaluated as held-out"):
             check_data_separation(PipelineConfig.from_dict(apply_overrides({}, clash)))
     check_data_separation(PipelineConfig.from_dict(apply_overrides({}, ["train.data=c4-heldout", "eval.heldout=wiki-validation"])))
+
+
+def test_a_registered_method_joins_the_comparison(tiny_dense, tmp_path):
+    """Adding a method is one register() call: here an SPP adapter of rank 4, trained and merged like SPP
+    (the way masked LoRA joins: adapter_method(lambda cfg: <its config>))."""
+    from spp_hf.config import SPPConfig
+    from spp_hf.methods import METHODS, Method, adapter_method, register
+
+    make = lambda cfg: SPPConfig(r=4, target_modules=list(cfg.train.target_modules))  # noqa: E731
+    register("spp_rank4", Method("SPP r=4", lambda cfg: cfg.train.learning_rate, adapter_method(make)))
+    try:
+        _run(tiny_dense, tmp_path, "reg", FAST + ["train.max_steps=2", "methods=[spp_rank4]"], skip="eval")
+    finally:
+        del METHODS["spp_rank4"]
+    run = tmp_path / "reg" / "spp_rank4_s0"
+    metrics = json.loads((run / "train" / "metrics.json").read_text())
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "reg" / "pruned")
+    targets = [w for n, w in iter_linear_weights(pruned) if n.rsplit(".", 1)[-1] in PipelineConfig().train.target_modules]
+    assert metrics["trainable_parameters"] == sum(w.shape[0] * 4 + w.shape[1] for w in targets)
+    assert (run / "adapter" / "spp_adapter.safetensors").exists() and json.loads((run / "merged" / "sparsity.json").read_text())["kind"] == "spp-merged"
+    assert "SPP r=4 s0" in (tmp_path / "reg" / "report.md").read_text()
