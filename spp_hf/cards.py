@@ -21,7 +21,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
-from .config import SPPConfig
+from .config import AdapterConfig, MaskedLoRAConfig, SPPConfig
 from .hub import is_hub_id
 
 PLACEHOLDER_REPO_ID = "<this-repo-id>"
@@ -84,7 +84,7 @@ def render_pruned_base_card(
 
 
 def render_adapter_card(
-    config: SPPConfig,
+    config: AdapterConfig,
     model: Any = None,
     dataset_name: str | None = None,
     final_loss: float | None = None,
@@ -106,13 +106,14 @@ def render_adapter_card(
     report = _model_report(model, modules) if model is not None else fingerprint_report(config.mask_fingerprint)
     pattern = report.get("pattern") or base_meta.get("pattern")
     results = dict(eval_results or {})
-    settings = _spp_settings(config) + [("Adapter parameters", f"{_adapter_params(config):,}")]
+    settings = _adapter_settings(config) + [("Adapter parameters", f"{_adapter_params(config):,}")]
     if dataset_name:
         settings.append(("Dataset", f"`{dataset_name}`"))
     if final_loss is not None:
         settings.append(("Final training loss", f"{final_loss:.4f}"))
     settings += [(str(k), f"`{v}`") for k, v in sorted((training_args or {}).items()) if v is not None]
-    title = f"SPP adapter for {_short(base)}" if base else "SPP adapter"
+    label = METHOD_LABELS[config.method]
+    title = f"{label} adapter for {_short(base)}" if base else f"{label} adapter"
     card_data = _card_data(
         base_model=base,
         relation="adapter",
@@ -134,6 +135,7 @@ def render_adapter_card(
         fingerprint=fingerprint[:16] if fingerprint else "not recorded",
         num_layers=len((config.mask_fingerprint or {}).get("modules", {})),
         adapter_params=f"{_adapter_params(config):,}",
+        method=config.method,
         sparsity_summary=_summary(report),
         **_sparsity_rows(report),
         training_settings=settings,
@@ -144,7 +146,7 @@ def render_adapter_card(
 
 
 def render_merged_card(
-    adapter_config: SPPConfig,
+    adapter_config: AdapterConfig,
     report: Any,
     eval_results: dict | None = None,
     *,
@@ -161,7 +163,8 @@ def render_merged_card(
     report = _report_dict(report)
     base = adapter_config.base_model_name_or_path
     base_meta = base_metadata(base, adapter_config.base_model_revision)
-    title = f"{_short(base)} + SPP (merged)" if base else "SPP-merged sparse model"
+    label = METHOD_LABELS[adapter_config.method]
+    title = f"{_short(base)} + {label} (merged)" if base else f"{label}-merged sparse model"
     results = dict(eval_results or {})
     card_data = _card_data(
         base_model=base,
@@ -174,7 +177,7 @@ def render_merged_card(
         model_name=repo_id or title,
     )
     fingerprint = (adapter_config.mask_fingerprint or {}).get("hash")
-    settings = _spp_settings(adapter_config)
+    settings = _adapter_settings(adapter_config)
     if dataset_name:
         settings.append(("Dataset", f"`{dataset_name}`"))
     return _render(
@@ -186,6 +189,7 @@ def render_merged_card(
         base_revision=adapter_config.base_model_revision or "not recorded",
         fingerprint=fingerprint[:16] if fingerprint else "not recorded",
         adapter=_link(adapter) if adapter else "not recorded",
+        method=adapter_config.method,
         sparsity_summary=_summary(report),
         **_sparsity_rows(report),
         training_settings=settings,
@@ -419,8 +423,20 @@ def _sparsity_rows(report: dict) -> dict[str, list[dict[str, Any]]]:
     return {"sparsity_by_type": summary, "sparsity_layers": layers}
 
 
-def _spp_settings(config: SPPConfig) -> list[tuple[str, str]]:
+METHOD_LABELS = {"spp": "SPP", "masked_lora": "Masked-LoRA"}
+
+
+def _adapter_settings(config: AdapterConfig) -> list[tuple[str, str]]:
     targets = config.target_modules if isinstance(config.target_modules, str) else ", ".join(config.target_modules)
+    if isinstance(config, MaskedLoRAConfig):
+        return [
+            ("method", "masked LoRA: W + (lora_alpha / r)·(B A) ⊙ (W ≠ 0)"),
+            ("r (LoRA rank)", str(config.r)),
+            ("lora_alpha", f"{config.lora_alpha:g}"),
+            ("dropout", f"{config.dropout:g}"),
+            ("target modules", f"`{targets}`"),
+            ("adapter dtype", config.adapter_dtype),
+        ]
     return [
         ("r (rows of α)", str(config.r)),
         ("scale s", f"{config.scale:g}"),
@@ -432,12 +448,16 @@ def _spp_settings(config: SPPConfig) -> list[tuple[str, str]]:
     ]
 
 
-def _adapter_params(config: SPPConfig) -> int:
-    """α (r × in) plus β (out × 1, when trained) over the layers in the adapter's fingerprint."""
+def _adapter_params(config: AdapterConfig) -> int:
+    """Trainable parameters over the layers in the adapter's fingerprint: SPP α (r × in) plus β (out × 1,
+    when trained); masked LoRA A (r × in) plus B (out × r)."""
     total = 0
     for module in (config.mask_fingerprint or {}).get("modules", {}).values():
         out_features, in_features = module["shape"]
-        total += config.r * in_features + (out_features if config.use_beta else 0)
+        if isinstance(config, MaskedLoRAConfig):
+            total += config.r * (in_features + out_features)
+        else:
+            total += config.r * in_features + (out_features if config.use_beta else 0)
     return total
 
 

@@ -171,7 +171,8 @@ def push_adapter_folder(
             )
         rev = base_rev if base_name else config.get("base_model_revision")
         sha = verified_base(target, rev, config.get("mask_fingerprint"), token)
-        adapters[name] = _rekeyed(config, tensors, target, sha, repo_id if not name else None)
+        card = (folder / name / README_NAME) if name else folder / README_NAME
+        adapters[name] = _rekeyed(config, tensors, target, sha, repo_id if not name else None, card)
     with tempfile.TemporaryDirectory(prefix="spp-adapter-push-") as tmp:
         write_adapters(Path(tmp) / "adapter", adapters)
         return push_folder(Path(tmp) / "adapter", repo_id, private, revision, commit_message or "Upload SPP adapter",
@@ -191,14 +192,18 @@ def _named_adapters(folder: Path) -> list[str]:
     return names
 
 
-def _rekeyed(config: dict, tensors: dict, base: str, sha: str, repo_id: str | None) -> Any:
-    """An adapter's files with its config pointing at `base`@`sha` and a card rendered for that."""
+def _rekeyed(config: dict, tensors: dict, base: str, sha: str, repo_id: str | None, card: Path) -> Any:
+    """An adapter's files with its config pointing at `base`@`sha`. Its own card is kept when the adapter
+    already named exactly that base and commit (a Trainer's card with the training details); otherwise a card
+    is rendered for the new base."""
     from .artifacts import AdapterFiles
     from .cards import render_adapter_card
-    from .config import SPPConfig
+    from .config import AdapterConfig
 
+    if (config.get("base_model_name_or_path"), config.get("base_model_revision")) == (base, sha) and card.is_file():
+        return AdapterFiles(config, tensors, card.read_text())
     config = {**config, "base_model_name_or_path": base, "base_model_revision": sha}
-    return AdapterFiles(config, tensors, render_adapter_card(SPPConfig.from_dict(config), repo_id=repo_id))
+    return AdapterFiles(config, tensors, render_adapter_card(AdapterConfig.from_dict(config), repo_id=repo_id))
 
 
 def push_adapter(
@@ -559,7 +564,7 @@ def merge_to_folder(
     adapter's recorded base fingerprint. Optionally pushes the folder to `push_to_hub`.
     """
     from .cards import render_merged_card
-    from .config import SPPConfig
+    from .config import AdapterConfig
     from .loading import SPPModel, resolve_adapter
 
     out = Path(out)
@@ -570,7 +575,7 @@ def merge_to_folder(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty; pass another --out or remove it.")
     directory = resolve_adapter(adapter, revision=revision, token=token)
-    config = SPPConfig.from_json_file(directory / CONFIG_NAME)
+    config = AdapterConfig.from_json_file(directory / CONFIG_NAME)
     base_name = base_model or config.base_model_name_or_path
     base_rev = base_revision or (config.base_model_revision if base_model is None else None)
     model = SPPModel.from_pretrained(
@@ -581,7 +586,7 @@ def merge_to_folder(
         base_model_revision=base_rev, adapter=str(adapter),
         adapter_revision=directory.name if directory.parent.name == "snapshots" else revision, spp_config=config.to_dict(),
     )  # fmt: skip
-    merged_config = SPPConfig.from_dict({**config.to_dict(), "base_model_name_or_path": base_name, "base_model_revision": base_rev})
+    merged_config = AdapterConfig.from_dict({**config.to_dict(), "base_model_name_or_path": base_name, "base_model_revision": base_rev})
     card = render_merged_card(merged_config, record, eval_results, repo_id=push_to_hub, adapter=str(adapter),
                               dataset_name=dataset_name)  # fmt: skip
     write_model_folder(model, _base_tokenizer(base_name, base_rev, token), out, card, record)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import ADAPTER_FILES, CONFIG_NAME, SPARSITY_NAME, read_adapter_files, read_sparsity_json, sparsity_fingerprint
-from .config import SPPConfig
+from .config import AdapterConfig
 from .hub import KIND_HINT_FILES, SPPHubError, explain_hub_error, fetch_sparsity_json
 from .sparsity import zero_mask_differences
 
@@ -101,7 +101,7 @@ def _with_weights(target: str, folder: Path, revision: str | None, token: str | 
 def _inspect_adapter(target: str, folder: Path, location: str) -> Inspection:
     from .cards import fingerprint_report
 
-    config = SPPConfig.from_json_file(folder / CONFIG_NAME)
+    config = AdapterConfig.from_json_file(folder / CONFIG_NAME)
     fingerprint = config.mask_fingerprint or {}
     report = fingerprint_report(fingerprint)
     result = Inspection(

@@ -9,15 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from .config import CONFIG_NAME, WEIGHTS_NAME, SPPConfig
-from .files import atomic_save_safetensors, atomic_write_text
+from .artifacts import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, read_adapter_files, write_adapters
+from .config import AdapterConfig
 from .layer import ADAPTER_KINDS, check_adapter_name
 from .model import inject_adapter, refuse_if_merged, validate_targets
-from .sparsity import compare_fingerprints, fingerprint_modules
+from .sparsity import fingerprint_modules, zero_mask_differences
 from .weights import dense_weight
 
 
@@ -36,20 +34,14 @@ def resolve_adapter(path_or_repo: str | os.PathLike, **hub_kwargs: Any) -> Path:
     return download_adapter(str(path_or_repo), **hub_kwargs)
 
 
-def read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """The tensors of `spp_adapter.safetensors`, each checked to be floating point and finite."""
-    path = Path(directory) / WEIGHTS_NAME
-    if not path.exists():
-        raise FileNotFoundError(
-            f"No {WEIGHTS_NAME} in {directory}: the adapter is incomplete. Save it again with "
-            "model.save_pretrained(...) or re-download it."
-        )
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is corrupt or not a safetensors file ({err}). Save or download the adapter again.") from None
-    check_tensor_values(state, str(path))
-    return state
+def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """(config, tensors) of a saved adapter: both files from one save (`artifacts.read_adapter_files`), the
+    config typed and validated, every tensor floating point and finite. Errors name the file and the fix."""
+    directory = Path(directory)
+    data, state = read_adapter_files(directory)
+    config = AdapterConfig.from_file_data(data, directory / CONFIG_NAME)  # the class the file's method names
+    check_tensor_values(state, str(directory / WEIGHTS_NAME))
+    return config, state
 
 
 def check_tensor_values(state: dict[str, torch.Tensor], source: str) -> None:
@@ -82,7 +74,7 @@ def check_adapter_tensors(expected: dict[str, tuple[int, ...]], state: dict[str,
     check_tensor_values(state, source)
 
 
-def adapter_targets(config: SPPConfig, state: dict[str, torch.Tensor]) -> list[str]:
+def adapter_targets(config: AdapterConfig, state: dict[str, torch.Tensor]) -> list[str]:
     """The module names a saved adapter applies to: those its mask fingerprint lists, else those its
     weight file names. The saved `target_modules` (possibly a regex from an untrusted file) is not used."""
     if config.mask_fingerprint:
@@ -91,18 +83,19 @@ def adapter_targets(config: SPPConfig, state: dict[str, torch.Tensor]) -> list[s
     return list(dict.fromkeys(k.rsplit(".", 1)[0] for k in state if k.endswith(suffixes)))
 
 
-def check_fingerprint(config: SPPConfig, found: dict, strict: bool = True) -> None:
+def check_fingerprint(config: AdapterConfig, found: dict, strict: bool = True) -> None:
     """Compare the adapter's recorded base fingerprint with the base it is loaded onto."""
     expected = config.mask_fingerprint
     if not expected:
         return
-    difference = compare_fingerprints(expected, found)
-    if difference is None:
+    problems = zero_mask_differences(expected, found)
+    if not problems:
         return
     message = (
         f"This SPP adapter was trained on base {config.base_model_name_or_path!r} "
         f"(revision {config.base_model_revision}, mask hash {expected['hash'][:12]}), but the base it is being "
-        f"loaded onto has mask hash {found['hash'][:12]}: {difference}. Load the pruned base the adapter was "
+        f"loaded onto has mask hash {found['hash'][:12]}: {len(problems)} modules differ, first {problems[0]}. "
+        "Load the pruned base the adapter was "
         "trained on (base_model=..., revision=...), or pass strict=False to load anyway."
     )
     if strict:
@@ -119,8 +112,9 @@ def root_adapter(names: list[str], active: str) -> str:
 
 
 def save_adapters(model: nn.Module, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
-    """Save adapters of an SPP model: one at `save_directory` (see `root_adapter`), the others in sub-folders.
-    Every name is checked before anything is written."""
+    """Save adapters of an SPP model: one at `save_directory` (see `root_adapter`), the others in sub-folders,
+    all in one atomic folder replacement (`artifacts.write_adapters`). Every name is checked before anything
+    is written; other files in the folder (a Trainer's checkpoints) are kept."""
     save_directory = Path(save_directory)
     if save_directory.is_file():
         raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory.")
@@ -130,21 +124,16 @@ def save_adapters(model: nn.Module, save_directory: str | os.PathLike, selected_
         if name not in model.spp_config:
             raise KeyError(f"No adapter {name!r} to save; known adapters: {list(model.spp_config)}")
     root = root_adapter(names, model.active_spp_adapter)
-    for name in names:
-        save_adapter(model, save_directory if name == root else save_directory / name, name)
+    write_adapters(save_directory, {"" if name == root else name: adapter_files(model, name) for name in names})
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str) -> None:
-    """Write one adapter's `spp_adapter.safetensors`, `spp_config.json` and `README.md` into `directory`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = model.spp_config[adapter_name]
-    tensors = {k: v.detach().float() if v.dtype == torch.float64 else v for k, v in model.spp_state_dict(adapter_name).items()}
-    atomic_save_safetensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt", "spp_adapter": adapter_name})
-    config.save_pretrained(directory)
+def adapter_files(model: nn.Module, adapter_name: str) -> AdapterFiles:
+    """What goes on disk for one adapter of `model`: its config data, tensors (float64 stored as float32) and card."""
     from .cards import render_adapter_card
 
-    atomic_write_text(directory / "README.md", render_adapter_card(config, model))
+    config = model.spp_config[adapter_name]
+    tensors = {k: v.detach().float() if v.dtype == torch.float64 else v.detach() for k, v in model.spp_state_dict(adapter_name).items()}
+    return AdapterFiles(config.file_dict(), tensors, render_adapter_card(config, model), {"spp_adapter": adapter_name})
 
 
 # --------------------------------------------------------------------------- loading into a model
@@ -161,8 +150,7 @@ def load_adapter(
     check_adapter_name(adapter_name)
     refuse_if_merged(model, "load an adapter")
     directory = resolve_adapter(path_or_repo, **{k: v for k, v in hub_kwargs.items() if v is not None})
-    config = SPPConfig.from_json_file(directory / CONFIG_NAME)
-    state = read_adapter_weights(directory)
+    config, state = read_adapter(directory)
     targets, own = adapter_targets(config, state), [n for n, _ in model.spp_layers()]
     if sorted(targets) != sorted(own):
         extra, absent = sorted(set(targets) - set(own)), sorted(set(own) - set(targets))
@@ -221,8 +209,7 @@ class SPPModel:
         """
         check_adapter_name(adapter_name)
         directory = resolve_adapter(adapter_name_or_path, revision=revision, token=token)
-        config = SPPConfig.from_json_file(directory / CONFIG_NAME)
-        state = read_adapter_weights(directory)
+        config, state = read_adapter(directory)
         if base_model is None or isinstance(base_model, (str, os.PathLike)):
             name = str(base_model) if base_model is not None else config.base_model_name_or_path
             if not name:
@@ -256,4 +243,4 @@ class SPPModel:
         return model
 
 
-__all__ = ["SPPModel", "SPPMismatchError", "check_fingerprint", "load_adapter", "resolve_adapter", "save_adapters"]
+__all__ = ["SPPModel", "SPPMismatchError", "check_fingerprint", "load_adapter", "read_adapter", "resolve_adapter", "save_adapters"]

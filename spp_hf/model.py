@@ -85,7 +85,8 @@ def get_spp_model(model: nn.Module, config: SPPConfig, adapter_name: str = "defa
     `save_pretrained` / `push_to_hub` write the adapter only and `merge_and_unload` gives back
     the original transformers class with merged, still-sparse weights. `config` is copied, never
     changed; the copy records the base's mask fingerprint, name and the commit it was loaded from
-    (``config._commit_hash``, None for a local folder: no network access here).
+    (``config._commit_hash``, else the one commit of it in the HF cache, `hub.base_commit`; None for a
+    local folder). No network access here: `push_to_hub` pins and checks the base commit.
     """
     if isinstance(model, SPPModelMixin):
         model.add_adapter(config, adapter_name=adapter_name)
@@ -118,7 +119,10 @@ def inject_adapter(model: nn.Module, config: Any, adapter_name: str, names: list
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
     if config.base_model_revision is None:
-        config.base_model_revision = getattr(model.config, "_commit_hash", None) or None
+        from .hub import base_commit  # revision=None: reads the cache only, never the network
+
+        commit = getattr(model.config, "_commit_hash", None)
+        config.base_model_revision = commit or (base_commit(config.base_model_name_or_path) if config.base_model_name_or_path else None)
     return model
 
 

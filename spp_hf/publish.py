@@ -246,11 +246,11 @@ def _base_mirror(folder: Path, mirror: Path, data: dict, dense: str | None, name
 def _adapter_mirror(adapter: tuple[dict, dict], mirror: Path, names: dict, suffix: str, sha: str, roots: set[str]) -> Path:
     from .artifacts import AdapterFiles
     from .cards import render_adapter_card
-    from .config import SPPConfig
+    from .config import AdapterConfig
 
     config, tensors = adapter
     config = {**_public(config, {}), "base_model_name_or_path": names["base"], "base_model_revision": sha}
-    card = render_adapter_card(SPPConfig.from_dict(config), repo_id=names[suffix], related=_related(names, suffix))
+    card = render_adapter_card(AdapterConfig.from_dict(config), repo_id=names[suffix], related=_related(names, suffix))
     write_adapters(mirror, {"": AdapterFiles(config, tensors, card)})
     return _mirror(mirror, mirror.parent / f"{suffix}-checked", {}, roots)
 
@@ -259,14 +259,14 @@ def _merged_mirror(
     variant: RunVariant, mirror: Path, suffix: str, record: dict, names: dict, base_sha: str, roots: set[str]
 ) -> Path:
     from .cards import render_baseline_merged_card, render_merged_card
-    from .config import SPPConfig
+    from .config import AdapterConfig
 
     own = f"{suffix}-merged"
     record = {**_public(record, {str(variant.merged.resolve()): names[own]}), "base_model": names["base"],
               "base_model_revision": base_sha}  # fmt: skip
     if variant.adapter is not None and suffix in names:
         adapter_config = read_adapter_files(variant.adapter)[0]
-        config = SPPConfig.from_dict({**adapter_config, "base_model_name_or_path": names["base"], "base_model_revision": base_sha})
+        config = AdapterConfig.from_dict({**adapter_config, "base_model_name_or_path": names["base"], "base_model_revision": base_sha})
         record.update(adapter=names[suffix], spp_config=config.to_dict())
         card = render_merged_card(config, record, repo_id=names[own], adapter=names[suffix], related=_related(names, own))
     else:

@@ -77,15 +77,6 @@ def zero_mask_differences(reference: dict, found: dict) -> list[str]:
     return problems
 
 
-def compare_fingerprints(expected: dict, found: dict) -> str | None:
-    """The first of `zero_mask_differences`, or None: kept for callers that report one difference."""
-    problems = zero_mask_differences(expected, found)
-    if problems:
-        return f"{len(problems)} modules differ, first {problems[0]}"
-    extra = sorted(set(found.get("modules", {})) - set(expected.get("modules", {})))
-    return f"the base has modules the adapter does not know: {extra[:3]}" if extra else None
-
-
 @dataclass
 class LayerSparsity:
     """Sparsity of one linear layer's weight."""

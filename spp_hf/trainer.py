@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,10 +33,10 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
-from .config import CONFIG_NAME, WEIGHTS_NAME, SPPConfig
+from .artifacts import README_NAME, WEIGHTS_NAME, atomic_write_text, read_adapter_files, write_adapter_files_in_place
+from .config import SPPConfig
 from .distill import DistillationMixin
-from .files import atomic_save_safetensors, atomic_write_text
-from .loading import SPPMismatchError, check_fingerprint, read_adapter_weights, save_adapter
+from .loading import SPPMismatchError, check_fingerprint, read_adapter
 from .model import SPPModelMixin, find_target_modules, get_spp_model, refuse_if_merged
 from .sharding import (
     _full,
@@ -47,12 +46,10 @@ from .sharding import (
     load_spp_state,
     spp_mask_fingerprint,
 )
-from .sparsity import compare_fingerprints, fingerprint_modules
+from .sparsity import fingerprint_modules, zero_mask_differences
 from .weights import dense_weight
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
 
 
 class SparsityGuardError(RuntimeError):
@@ -257,11 +254,11 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
             return
         with _fsdp1_full_params(self):
             found = spp_mask_fingerprint(self.spp_model)
-        difference = compare_fingerprints(expected, found)
-        if difference is not None:
+        problems = zero_mask_differences(expected, found)
+        if problems:
             raise SparsityGuardError(
                 f"Sparsity guard at step {self.state.global_step}: the pruned base's zero pattern changed during "
-                f"training ({difference}). SPP trains only α/β, so something else wrote to the frozen base weights "
+                f"training ({len(problems)} modules differ, first {problems[0]}). SPP trains only α/β, so something else wrote to the frozen base weights "
                 "(a callback, a custom optimizer over all parameters, a weight update outside the trainer). "
                 "Training was stopped before saving; the last checkpoint written is unaffected."
             )
@@ -276,27 +273,23 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write spp_config.json + spp_adapter.safetensors + README.md (never the base weights)."""
+        """Write spp_config.json + spp_adapter.safetensors + README.md (never the base weights).
+
+        The active adapter goes at the root of `output_dir`, whatever its name (resuming reads it there).
+        The folder is the Trainer's (checkpoints, optimizer state), so the files are written in place, each
+        atomically; the config hash in the weights file pairs them.
+        """
         output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
         model = self.spp_model
-        sharded = _is_sharded(model) or _is_fsdp1(self)
-        if sharded:
-            with _fsdp1_full_params(self):
-                state = gather_spp_state(model)  # collective: all ranks
+        with _fsdp1_full_params(self):
+            state = gather_spp_state(model)  # collective under sharding: all ranks
         if not self.args.should_save:
             return
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config = model.active_spp_config
-        if sharded:
-            atomic_save_safetensors(
-                {k: v.float() if v.dtype == torch.float64 else v for k, v in state.items()},
-                output_dir / WEIGHTS_NAME,
-                metadata={"format": "pt", "spp_adapter": model.active_spp_adapter},
-            )
-            config.save_pretrained(output_dir)
-        else:  # the active adapter at the root, whatever its name: resuming reads it there
-            save_adapter(model, output_dir, model.active_spp_adapter)
-        atomic_write_text(output_dir / "README.md", self._card())
+        tensors = {k: v.float() if v.dtype == torch.float64 else v for k, v in state.items()}
+        write_adapter_files_in_place(
+            output_dir, model.active_spp_config.file_dict(), tensors, self._card(),
+            metadata={"spp_adapter": model.active_spp_adapter},
+        )  # fmt: skip
 
     def _card(self, **extra: Any) -> str:
         model = self.spp_model
@@ -354,16 +347,15 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Load α/β from ``spp_adapter.safetensors`` in a checkpoint (the base is not in it)."""
         directory = _checkpoint_adapter_dir(Path(resume_from_checkpoint), self.spp_model.active_spp_adapter)
-        state = _read_checkpoint_state(directory)
-        config = SPPConfig.from_json_file(directory / CONFIG_NAME)
+        config, state = _read_checkpoint(directory)
         target = self.spp_model if model is None else self.accelerator.unwrap_model(model)
         expected = self.spp_model.active_spp_config.mask_fingerprint
         if config.mask_fingerprint and expected:
-            difference = compare_fingerprints(config.mask_fingerprint, expected)
-            if difference is not None:
+            problems = zero_mask_differences(config.mask_fingerprint, expected)
+            if problems:
                 raise SPPMismatchError(
-                    f"Checkpoint {directory} was trained on a base with another zero pattern ({difference}); "
-                    "resume with the pruned base it was trained on."
+                    f"Checkpoint {directory} was trained on a base with another zero pattern ({len(problems)} modules "
+                    f"differ, first {problems[0]}); resume with the pruned base it was trained on."
                 )
         with _fsdp1_full_params(self, writeback=True):
             load_spp_state(target, state)
@@ -425,13 +417,11 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
         return self._upload(self.args.output_dir, repo_id, commit_message, token, revision, private, blocking)
 
     def _upload(self, folder, repo_id, commit_message, token, revision, private, blocking=True) -> Any:
-        """Upload the adapter files of `folder` (the card's repo-id placeholder filled in)."""
-        from .hub import push_folder
+        """Upload the adapter of `folder` keyed to its base on the Hub (`hub.push_adapter_folder`: the base's
+        zeros checked, its commit pinned; a base loaded from a local folder is refused with the fix)."""
+        from .hub import push_adapter_folder
 
-        return push_folder(
-            folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
-            allow_patterns=list(ADAPTER_FILES),
-        )  # fmt: skip
+        return push_adapter_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """hub_strategy="every_save": copy the checkpoint's adapter files to output_dir and upload those."""
@@ -439,10 +429,12 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
             return
         if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
             return
-        for name in ADAPTER_FILES:
-            source = Path(checkpoint_folder) / name
-            if source.is_file():
-                shutil.copy(source, Path(self.args.output_dir) / name)
+        config, tensors = read_adapter_files(checkpoint_folder)
+        card = Path(checkpoint_folder) / README_NAME
+        write_adapter_files_in_place(
+            self.args.output_dir, config, tensors, card.read_text() if card.is_file() else None,
+            metadata={"spp_adapter": self.spp_model.active_spp_adapter},
+        )  # fmt: skip
         message = f"Training in progress, step {self.state.global_step}"
         self._upload(self.args.output_dir, self.hub_model_id, message, self.args.hub_token, self.args.hub_revision, None)
 
@@ -534,7 +526,8 @@ def _checkpoint_adapter_dir(directory: Path, adapter_name: str) -> Path:
     return directory
 
 
-def _read_checkpoint_state(directory: Path) -> dict[str, torch.Tensor]:
+def _read_checkpoint(directory: Path) -> tuple[SPPConfig, dict[str, torch.Tensor]]:
+    """(config, tensors) of the adapter in a checkpoint, with errors that say to resume from another one."""
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
@@ -543,8 +536,8 @@ def _read_checkpoint_state(directory: Path) -> dict[str, torch.Tensor]:
             f"resume_from_checkpoint to a {PREFIX_CHECKPOINT_DIR}-N folder written by SPPSFTTrainer."
         )
     try:
-        return read_adapter_weights(directory)
-    except ValueError as err:
+        return read_adapter(directory)
+    except (OSError, ValueError) as err:
         raise ValueError(
             f"Can't resume from {directory}: {err} Resume from an earlier {PREFIX_CHECKPOINT_DIR}-N folder instead."
         ) from None

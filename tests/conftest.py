@@ -57,6 +57,18 @@ def prune_magnitude_nm_(model: torch.nn.Module, n: int = 2, m: int = 4) -> None:
             weight.copy_(groups.reshape(out_f, in_f))
 
 
+def rewrite_adapter_config(folder, data: dict) -> None:
+    """Save `data` as a saved adapter's config in one consistent save with its weights: a config edited by
+    hand is refused by the config/weights pairing check before the check a test is after runs."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from spp_hf.artifacts import write_adapter_folder
+
+    write_adapter_folder(folder, data, load_file(str(Path(folder) / "spp_adapter.safetensors")))
+
+
 @pytest.fixture
 def tiny_llama() -> torch.nn.Module:
     model = make_tiny_model("llama")

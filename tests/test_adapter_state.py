@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_model, prune_magnitude_nm_
+from conftest import make_tiny_model, prune_magnitude_nm_, rewrite_adapter_config
 from torch import nn
 
 from spp_hf import SPPConfig, SPPLinear, SPPMismatchError, SPPModel, get_spp_model
@@ -120,8 +120,8 @@ def test_failed_load_adapter_changes_nothing(tmp_path):
     small = get_spp_model(pruned(), SPPConfig(r=4))
     small.save_pretrained(tmp_path / "r4")
     data = json.loads((tmp_path / "r4" / "spp_config.json").read_text())
-    data["r"] = 8  # config says 8, tensors are r=4
-    (tmp_path / "r4" / "spp_config.json").write_text(json.dumps(data))
+    data["r"] = 8  # config says 8, tensors are r=4 (one consistent save, so the shapes are what is wrong)
+    rewrite_adapter_config(tmp_path / "r4", data)
 
     model = get_spp_model(pruned(), SPPConfig(r=8))
     randomize(model)
@@ -251,19 +251,27 @@ def test_tied_target_is_refused():
 
 
 # --------------------------------------------------------------------------- 9: no network
-def test_get_spp_model_records_commit_without_network(monkeypatch):
-    import spp_hf.hub
+def test_get_spp_model_records_commit_without_network(monkeypatch, tmp_path):
+    """The base commit comes from the model's config or the HF cache; any HTTP request fails the test."""
+    import httpx2 as httpx  # huggingface_hub's HTTP client
+    from huggingface_hub import constants
 
     def no_network(*a, **k):
         raise AssertionError("network access in get_spp_model")
 
-    monkeypatch.setattr(spp_hf.hub, "base_commit", no_network, raising=False)
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_network)
+    monkeypatch.setattr(httpx.Client, "send", no_network)
+    monkeypatch.setattr(httpx.AsyncClient, "send", no_network)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     model = pruned()
     model.name_or_path = "org/some-base"
-    assert get_spp_model(model, SPPConfig(r=8)).active_spp_config.base_model_revision is None
+    with pytest.warns(UserWarning, match="revision base 'org/some-base' was loaded from is unknown"):
+        assert get_spp_model(model, SPPConfig(r=8)).active_spp_config.base_model_revision is None
+    refs = tmp_path / "models--org--some-base" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("b" * 40)  # what from_pretrained leaves in the cache after loading a Hub base
+    model = pruned()
+    model.name_or_path = "org/some-base"
+    assert get_spp_model(model, SPPConfig(r=8)).active_spp_config.base_model_revision == "b" * 40
     model = pruned()
     model.name_or_path = "org/some-base"
     model.config._commit_hash = "a" * 40
@@ -355,7 +363,7 @@ def test_untrusted_regex_is_not_evaluated_on_load(tmp_path):
     model.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "spp_config.json").read_text())
     data["target_modules"] = "(.*.*)*X"  # catastrophic backtracking on every module name
-    (tmp_path / "spp_config.json").write_text(json.dumps(data))
+    rewrite_adapter_config(tmp_path, data)
     import re
 
     real = re.fullmatch
@@ -388,7 +396,7 @@ def test_wrong_config_types_name_file_and_field(tmp_path, field, value):
     model.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "spp_config.json").read_text())
     data[field] = value
-    (tmp_path / "spp_config.json").write_text(json.dumps(data))
+    rewrite_adapter_config(tmp_path, data)
     with pytest.raises(ValueError, match=rf"spp_config\.json.*{field}") as info:
         SPPModel.from_pretrained(tmp_path, base_model=pruned())
     assert "save" in str(info.value) or "fix" in str(info.value).lower()

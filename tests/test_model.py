@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_model, prune_magnitude_nm_
+from conftest import make_tiny_model, prune_magnitude_nm_, rewrite_adapter_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
 
@@ -214,6 +214,7 @@ def test_missing_or_corrupt_adapter_files(tmp_path):
     (tmp_path / "spp_adapter.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="spp_adapter.safetensors"):
         SPPModel.from_pretrained(tmp_path, base_model=pruned())
+    model.save_pretrained(tmp_path)
     (tmp_path / "spp_config.json").write_text("{broken")
     with pytest.raises(ValueError, match="not valid JSON"):
         SPPModel.from_pretrained(tmp_path, base_model=pruned())
@@ -229,7 +230,7 @@ def test_adapter_shapes_must_fit(tmp_path):
     model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "spp_config.json").read_text())
     cfg["r"] = 4  # config now disagrees with the stored tensors
-    (tmp_path / "spp_config.json").write_text(json.dumps(cfg))
+    rewrite_adapter_config(tmp_path, cfg)
     with pytest.raises(ValueError, match=r"spp_alpha has shape \(8, \d+\), expected \(4, \d+\)"):
         SPPModel.from_pretrained(tmp_path, base_model=pruned())
 
@@ -239,7 +240,7 @@ def test_newer_format_is_refused(tmp_path):
     model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "spp_config.json").read_text())
     cfg["format_version"] = 99
-    (tmp_path / "spp_config.json").write_text(json.dumps(cfg))
+    rewrite_adapter_config(tmp_path, cfg)
     with pytest.raises(ValueError, match="pip install -U spp-hf"):
         SPPModel.from_pretrained(tmp_path, base_model=pruned())
 
@@ -249,15 +250,12 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path)
     good = (tmp_path / "spp_adapter.safetensors").read_bytes()
     train_steps(model)
-    import sys
-
-    import spp_hf.files
+    import spp_hf.artifacts
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    writer = sys.modules[spp_hf.files.atomic_save_safetensors.__module__]  # the module that owns the writer
-    monkeypatch.setattr(writer, "save_file", boom)
+    monkeypatch.setattr(spp_hf.artifacts, "save_file", boom)  # the one writer of adapter weights
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "spp_adapter.safetensors").read_bytes() == good

@@ -342,10 +342,25 @@ def test_nf4_base_on_gpu_with_bf16(tmp_path):
     _check_merge_onto_full_precision(tmp_path / "out", base_dir)
 
 
+def push_tiny_base(tmp_path, repo_id: str) -> str:
+    """Push the tiny pruned base with its sparsity.json (as spp-hf writes it) and return the commit sha."""
+    from spp_hf.artifacts import model_sparsity_record, write_model_folder
+    from spp_hf.hub import push_folder
+
+    base = tiny_pruned_base()
+    write_model_folder(base, char_tokenizer(), tmp_path / "base", "# tiny base\n", model_sparsity_record(base, "pruned-base"))
+    return push_folder(tmp_path / "base", repo_id, token=TOKEN).oid
+
+
 def test_push_to_hub_uploads_the_adapter_with_its_card(hub, tmp_path):  # noqa: F811
-    repo_id = "user/tiny-spp-sft"
-    t = trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, push_to_hub=True, hub_model_id=repo_id,
-                hub_token=TOKEN)  # fmt: skip
+    """The trainer's pushes go through hub.push_adapter_folder: the adapter is keyed to its base on the Hub."""
+    from transformers import AutoModelForCausalLM
+
+    repo_id, base_repo = "user/tiny-spp-sft", "user/tiny-base"
+    base_sha = push_tiny_base(tmp_path, base_repo)
+    base = AutoModelForCausalLM.from_pretrained(base_repo, token=TOKEN)
+    t = trainer(tmp_path, model=base, spp=SPPConfig(r=4), max_steps=2, save_strategy="steps", save_steps=1,
+                push_to_hub=True, hub_model_id=repo_id, hub_token=TOKEN)  # fmt: skip
     t.train()
     repo = hub.state.repo(repo_id)
     assert len(repo.commits) == 3  # the repo's initial commit, then one push per checkpoint (hub_strategy every_save)
@@ -353,6 +368,8 @@ def test_push_to_hub_uploads_the_adapter_with_its_card(hub, tmp_path):  # noqa: 
     t.push_to_hub()
     files = repo.resolve("main").files
     assert set(files) == {".gitattributes", "spp_config.json", "spp_adapter.safetensors", "README.md"}
+    pushed_config = json.loads(files["spp_config.json"])
+    assert (pushed_config["base_model_name_or_path"], pushed_config["base_model_revision"]) == (base_repo, base_sha)
     card = files["README.md"].decode()
     assert f'SPPModel.from_pretrained("{repo_id}"' in card and "tatsu-lab/alpaca (sample)" in card
     assert f"{t.final_loss():.4f}" in card
