@@ -423,7 +423,7 @@ def evaluate_model(
     if print_table:
         print(format_table(results))
     if out is not None:
-        from .files import atomic_write_text
+        from .artifacts import atomic_write_text
 
         atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     return results

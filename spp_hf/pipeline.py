@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .config import DEFAULT_TARGETS
-from .files import atomic_write_text
+from .artifacts import atomic_write_text
 from .methods import Prepared, get_method, linear_zeros, load_plain
 
 logger = logging.getLogger(__name__)

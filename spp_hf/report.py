@@ -9,7 +9,7 @@ from pathlib import Path
 from statistics import mean
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .files import atomic_write_text
+from .artifacts import atomic_write_text
 
 if TYPE_CHECKING:
     from .pipeline import PipelineConfig, Variant
