@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from trl import TrlParser  # noqa: E402
 
-from spp_hf import SPPConfig, SPPSFTTrainer  # noqa: E402
+from spp_hf import MaskedLoRAConfig, SPPConfig, SPPSFTTrainer  # noqa: E402
 from spp_hf.alpaca import (  # noqa: E402, F401  (the template and loaders live in the package)
     BUNDLED_ALPACA,
     PROMPT_INPUT,
@@ -86,18 +86,31 @@ class ScriptArguments:
 
 @dataclass
 class SPPArguments:
-    """The SPP adapter (paper Sec. 3.2); see `spp_hf.SPPConfig`."""
+    """The adapter: SPP (paper Sec. 3.2, `spp_hf.SPPConfig`) or masked LoRA (`spp_hf.MaskedLoRAConfig`, which
+    uses spp_r, spp_dropout, spp_target_modules, spp_adapter_dtype and lora_alpha)."""
 
-    spp_r: int = field(default=16, metadata={"help": "Rows of α (r × in_features)."})
+    method: str = field(
+        default="spp",
+        metadata={"help": "spp | masked_lora (LoRA whose update is multiplied by the base's zero mask)."},
+    )
+    spp_r: int = field(default=16, metadata={"help": "Rows of α (r × in_features); the LoRA rank for masked_lora."})
     spp_scale: float = field(default=2.0, metadata={"help": "s in Eq. 5 (official: lora_alpha 16 / r 8)."})
     spp_dropout: float = field(default=0.05, metadata={"help": "Dropout on the SPP branch input."})
     spp_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS), metadata={"help": "Layers to adapt."})
     spp_impl: str = field(default="auto", metadata={"help": "naive | blocked | fused | auto."})
     spp_use_beta: bool = field(default=True, metadata={"help": "Train β (Table 4 ablation when False)."})
     spp_zero_init: str = field(default="beta", metadata={"help": "Which factor starts at zero: beta | alpha."})
-    spp_adapter_dtype: str = field(default="float32", metadata={"help": "dtype of α and β."})
+    spp_adapter_dtype: str = field(default="float32", metadata={"help": "dtype of the adapter's tensors."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "masked_lora only: the update is scaled by lora_alpha / r."})
 
-    def to_config(self) -> SPPConfig:
+    def to_config(self) -> SPPConfig | MaskedLoRAConfig:
+        if self.method == "masked_lora":
+            return MaskedLoRAConfig(
+                r=self.spp_r, lora_alpha=self.lora_alpha, dropout=self.spp_dropout,
+                target_modules=list(self.spp_target_modules), adapter_dtype=self.spp_adapter_dtype,
+            )  # fmt: skip
+        if self.method != "spp":
+            raise ValueError(f"--method must be spp or masked_lora, got {self.method!r}.")
         return SPPConfig(
             r=self.spp_r, scale=self.spp_scale, dropout=self.spp_dropout, target_modules=list(self.spp_target_modules),
             impl=self.spp_impl, use_beta=self.spp_use_beta, zero_init=self.spp_zero_init, adapter_dtype=self.spp_adapter_dtype,
@@ -160,7 +173,7 @@ def main(argv: list[str] | None = None) -> SPPSFTTrainer:
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-        logger.warning("SPP adapter saved to %s; training loss by step: %s", training_args.output_dir, json.dumps(losses))
+        logger.warning("%s adapter saved to %s; training loss by step: %s", spp_args.method, training_args.output_dir, json.dumps(losses))
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=card_dataset_name(script_args.dataset_name))
     return trainer

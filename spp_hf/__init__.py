@@ -2,13 +2,15 @@
 
 __version__ = "0.1.0"
 
-from .config import SPPConfig
+from .config import MaskedLoRAConfig, SPPConfig
 from .layer import SPPLinear
+from . import masked_lora  # noqa: F401 - registers the masked-LoRA adapter kind with SPPLinear
 from .loading import SPPMismatchError, SPPModel
 from .model import SPPModelMixin, get_spp_model
 from .sparsity import sparsity_report
 
 __all__ = [
+    "MaskedLoRAConfig",
     "SPPConfig",
     "SPPLinear",
     "SPPModel",

@@ -582,7 +582,7 @@ def merge_to_folder(
         str(directory), base_model=base_model, base_revision=base_revision, merge=True, torch_dtype=torch_dtype, token=token
     )
     record = model_sparsity_record(
-        model, "spp-merged", base_mask_fingerprint=config.mask_fingerprint, base_model=base_name,
+        model, "spp-merged" if config.method == "spp" else "merged", base_mask_fingerprint=config.mask_fingerprint, base_model=base_name,
         base_model_revision=base_rev, adapter=str(adapter),
         adapter_revision=directory.name if directory.parent.name == "snapshots" else revision, spp_config=config.to_dict(),
     )  # fmt: skip

@@ -99,13 +99,13 @@ def _with_weights(target: str, folder: Path, revision: str | None, token: str | 
 
 
 def _inspect_adapter(target: str, folder: Path, location: str) -> Inspection:
-    from .cards import fingerprint_report
+    from .cards import METHOD_LABELS, fingerprint_report
 
     config = AdapterConfig.from_json_file(folder / CONFIG_NAME)
     fingerprint = config.mask_fingerprint or {}
     report = fingerprint_report(fingerprint)
     result = Inspection(
-        target, "SPP adapter", location, config=config.to_dict(), base=config.base_model_name_or_path,
+        target, f"{METHOD_LABELS[config.method]} adapter", location, config=config.to_dict(), base=config.base_model_name_or_path,
         base_revision=config.base_model_revision, fingerprint=fingerprint.get("hash"), layers=report["layers"],
         ratio=report["ratio"] if report["layers"] else None,
     )  # fmt: skip

@@ -83,6 +83,17 @@ def adapter_targets(config: AdapterConfig, state: dict[str, torch.Tensor]) -> li
     return list(dict.fromkeys(k.rsplit(".", 1)[0] for k in state if k.endswith(suffixes)))
 
 
+def check_same_method(existing: AdapterConfig | None, config: AdapterConfig, adapter_name: str, source: Any) -> None:
+    """Refuse to put an adapter of one method (SPP, masked LoRA) in place of an adapter of the other."""
+    if existing is not None and existing.method != config.method:
+        raise ValueError(
+            f"Adapter {adapter_name!r} of this model is a {type(existing).__name__} adapter (method {existing.method!r}), "
+            f"but {source} holds a {type(config).__name__} adapter (method {config.method!r}); one cannot be loaded as "
+            "the other. Load it under a new name (load_adapter(..., adapter_name='other')), or into a model without "
+            f"adapter {adapter_name!r}."
+        )
+
+
 def check_fingerprint(config: AdapterConfig, found: dict, strict: bool = True) -> None:
     """Compare the adapter's recorded base fingerprint with the base it is loaded onto."""
     expected = config.mask_fingerprint
@@ -92,7 +103,7 @@ def check_fingerprint(config: AdapterConfig, found: dict, strict: bool = True) -
     if not problems:
         return
     message = (
-        f"This SPP adapter was trained on base {config.base_model_name_or_path!r} "
+        f"This {type(config).__name__.removesuffix('Config')} adapter was trained on base {config.base_model_name_or_path!r} "
         f"(revision {config.base_model_revision}, mask hash {expected['hash'][:12]}), but the base it is being "
         f"loaded onto has mask hash {found['hash'][:12]}: {len(problems)} modules differ, first {problems[0]}. "
         "Load the pruned base the adapter was "
@@ -151,6 +162,7 @@ def load_adapter(
     refuse_if_merged(model, "load an adapter")
     directory = resolve_adapter(path_or_repo, **{k: v for k, v in hub_kwargs.items() if v is not None})
     config, state = read_adapter(directory)
+    check_same_method(model.spp_config.get(adapter_name), config, adapter_name, directory)
     targets, own = adapter_targets(config, state), [n for n, _ in model.spp_layers()]
     if sorted(targets) != sorted(own):
         extra, absent = sorted(set(targets) - set(own)), sorted(set(own) - set(targets))

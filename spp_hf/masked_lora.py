@@ -18,11 +18,16 @@ Two interchangeable implementations of the same function:
   GEMMs it then needs.
 
 Everything derived from the adapters (B A, W_eff, the merged weight) is computed in at least float32.
+
+The end of the module registers masked LoRA as an adapter kind of `SPPLinear` (config `MaskedLoRAConfig`,
+parameters ``lora_A`` / ``lora_B``), so injection, named adapters, merging, adapter files, the trainer and
+the Hub work for it as for SPP.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +35,7 @@ from torch import nn
 
 from . import layer as _layer
 from .layer import _accumulate, _scratch, compute_dtype
+from .weights import is_quantized
 
 
 def check_shapes(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
@@ -229,3 +235,58 @@ class _FusedMaskedLoRA(torch.autograd.Function):
         grad_B = (torch.cat(grad_B_rows) * scale).to(lora_B.dtype) if need_B else None
         grad_bias = g.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias, grad_A, grad_B, None, None
+
+
+# --------------------------------------------------------------------------- the masked-LoRA adapter kind
+def _settings(config: Any) -> dict[str, Any]:
+    return dict(r=config.r, lora_alpha=config.lora_alpha, scale=config.scale, dropout=config.dropout)
+
+
+def _validate(in_features: int, out_features: int, config: Any, name: str) -> None:
+    """Any rank fits any layer (unlike SPP's α rows, B A needs no divisibility)."""
+
+
+def _trainable(settings: dict[str, Any]) -> tuple[str, ...]:
+    return ("lora_A", "lora_B")
+
+
+def _init(layer: Any, config: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    lora_A, lora_B = init_masked_lora(config.r, layer.in_features, layer.out_features, getattr(torch, config.adapter_dtype), device)
+    return {"lora_A": lora_A, "lora_B": lora_B}
+
+
+def _forward(layer: Any, name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Fused on dense bases; on 4/8-bit bases the base GEMM stays quantized and the branch is materialised."""
+    lora_A, lora_B, scale = layer.lora_A[name], layer.lora_B[name], layer.scale[name]
+    dropout = layer.dropout[name] if layer.training else 0.0
+    weight = layer.weight
+    if not is_quantized(layer.base_layer):
+        return masked_lora_fused(x, weight, layer.bias, lora_A, lora_B, scale, dropout)
+    base_out = layer.base_layer(x, *args, **kwargs)
+    x_branch = F.dropout(x, dropout, training=True) if dropout > 0 else x
+    return base_out + scale * masked_lora_branch_naive(x_branch, weight, lora_A, lora_B).to(base_out.dtype)
+
+
+def _merged_weight(layer: Any, name: str, weight: torch.Tensor) -> torch.Tensor:
+    return masked_lora_merged_weight(weight, layer.lora_A[name], layer.lora_B[name], layer.scale[name])
+
+
+def _register_masked_lora_kind() -> None:
+    from .config import MaskedLoRAConfig
+
+    _layer.register_adapter_kind(
+        _layer.AdapterKind(
+            config_class=MaskedLoRAConfig,
+            param_names=("lora_A", "lora_B"),
+            setting_names=("r", "lora_alpha", "scale", "dropout"),
+            settings=_settings,
+            validate=_validate,
+            init=_init,
+            trainable=_trainable,
+            forward=_forward,
+            merged_weight=_merged_weight,
+        )
+    )
+
+
+_register_masked_lora_kind()

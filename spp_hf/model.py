@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .config import SPPConfig
+from .config import AdapterConfig
 from .layer import SPPLinear, adapter_kind, check_adapter_name
 from .weights import in_out_features, is_linear_like
 
@@ -78,7 +78,7 @@ def _mixed_class(cls: type) -> type:
     return _MIXED_CLASSES[cls]
 
 
-def get_spp_model(model: nn.Module, config: SPPConfig, adapter_name: str = "default") -> nn.Module:
+def get_spp_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
     """Wrap the target linear layers of `model` with `SPPLinear`, in place, and freeze the base.
 
     Returns the same object; its class now also derives from `SPPModelMixin`, so
@@ -145,7 +145,7 @@ class SPPModelMixin:
     or nothing. Save/push write only the adapter; `merge_and_unload` restores the original class.
     """
 
-    spp_config: dict[str, SPPConfig]
+    spp_config: dict[str, AdapterConfig]
     active_spp_adapter: str
 
     # -- layers
@@ -164,11 +164,11 @@ class SPPModelMixin:
         return spp_mask_fingerprint(self)
 
     @property
-    def active_spp_config(self) -> SPPConfig:
+    def active_spp_config(self) -> AdapterConfig:
         return self.spp_config[self.active_spp_adapter]
 
     # -- adapters (transformers' signatures; SPP configs only)
-    def add_adapter(self, adapter_config: SPPConfig, adapter_name: str | None = None) -> None:  # type: ignore[override]
+    def add_adapter(self, adapter_config: AdapterConfig, adapter_name: str | None = None) -> None:  # type: ignore[override]
         """Attach another named adapter (on the same target layers), freshly initialised, and make it active."""
         adapter_name = "default" if adapter_name is None else adapter_name
         check_adapter_name(adapter_name)
@@ -192,7 +192,7 @@ class SPPModelMixin:
         config.base_model_revision = config.base_model_revision or active.base_model_revision
         self._install_adapter(adapter_name, config)
 
-    def _install_adapter(self, adapter_name: str, config: SPPConfig, state: dict[str, torch.Tensor] | None = None) -> None:
+    def _install_adapter(self, adapter_name: str, config: AdapterConfig, state: dict[str, torch.Tensor] | None = None) -> None:
         """Create (or replace) an adapter on every layer and make it active. Callers validated everything."""
         with torch.no_grad():
             for name, layer in self.spp_layers():

@@ -4,7 +4,8 @@ The trainer injects SPP (``get_spp_model``) before TRL sets up training, so TRL'
 (text, ``messages``, prompt/completion with completion-only loss, packing), gradient checkpointing
 and mixed precision all apply unchanged. What differs from PEFT training:
 
-- only ``spp_alpha`` / ``spp_beta`` are trainable; the pruned base stays frozen;
+- only the adapter trains (SPP's ``spp_alpha`` / ``spp_beta``, or masked LoRA's ``lora_A`` / ``lora_B`` with
+  ``MaskedLoRAConfig``); the pruned base stays frozen;
 - checkpoints and the final save hold the adapter only (``spp_config.json`` +
   ``spp_adapter.safetensors`` + ``README.md``, plus optimizer/scheduler/RNG/trainer state in
   checkpoints), and resuming reads ``spp_adapter.safetensors``;
@@ -34,9 +35,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
 from .artifacts import README_NAME, WEIGHTS_NAME, atomic_write_text, read_adapter_files, write_adapter_files_in_place
-from .config import SPPConfig
+from .config import AdapterConfig, SPPConfig
 from .distill import DistillationMixin
-from .loading import SPPMismatchError, check_fingerprint, read_adapter
+from .loading import SPPMismatchError, check_fingerprint, check_same_method, read_adapter
 from .model import SPPModelMixin, find_target_modules, get_spp_model, refuse_if_merged
 from .sharding import (
     _full,
@@ -103,7 +104,7 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
         model: a pruned base (path, Hub repo id or `PreTrainedModel`), or a model that already has
             SPP layers (then ``spp_config`` must be None).
         args: `SFTConfig` (or `SPPSFTConfig`, whose bf16 default suits CPU-only machines).
-        spp_config: the adapter's settings; `SPPConfig()` (the paper's defaults) if None.
+        spp_config: the adapter's settings: `SPPConfig` (the paper's defaults if None) or `MaskedLoRAConfig`.
         dataset_name: a name for the data set in the model card (e.g. ``"yahma/alpaca-cleaned"``).
         quantization_config: `BitsAndBytesConfig` for loading ``model`` from a path in 4/8 bit.
         peft_config: not accepted (SPP replaces PEFT methods here; LoRA would densify the base).
@@ -125,7 +126,7 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
         eval_dataset: Any = None,
         processing_class: Any = None,
         *,
-        spp_config: SPPConfig | None = None,
+        spp_config: AdapterConfig | None = None,
         dataset_name: str | None = None,
         quantization_config: Any = None,
         peft_config: Any = None,
@@ -134,7 +135,8 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
         if peft_config is not None:
             raise ValueError(
                 "SPPSFTTrainer trains SPP adapters and does not take a peft_config: a LoRA-style update is dense "
-                "and would destroy the pruned base's sparsity. Pass spp_config=SPPConfig(...) instead, or use "
+                "and would destroy the pruned base's sparsity. Pass spp_config=SPPConfig(...) (or MaskedLoRAConfig(...), LoRA "
+                "whose update keeps the base's zeros) instead, or use "
                 "trl.SFTTrainer for PEFT methods."
             )
         if _is_peft_model(model):
@@ -195,7 +197,7 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
         return create_model_from_path(name_or_path, **kwargs)
 
     @staticmethod
-    def _attach_spp(model: nn.Module, spp_config: SPPConfig | None) -> nn.Module:
+    def _attach_spp(model: nn.Module, spp_config: AdapterConfig | None) -> nn.Module:
         if isinstance(model, SPPModelMixin):
             if spp_config is not None:
                 raise ValueError(
@@ -233,7 +235,7 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
         others = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in adapters]
         if others:
             raise ValueError(
-                f"SPP trains only spp_alpha/spp_beta, but {len(others)} base parameters are trainable "
+                f"SPPSFTTrainer trains only the adapter, but {len(others)} base parameters are trainable "
                 f"(e.g. {others[:3]}). Something unfroze them (e.g. a chat template that adds tokens resizes the "
                 "embeddings); freeze them or use a chat template without new tokens."
             )
@@ -348,6 +350,7 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
         """Load α/β from ``spp_adapter.safetensors`` in a checkpoint (the base is not in it)."""
         directory = _checkpoint_adapter_dir(Path(resume_from_checkpoint), self.spp_model.active_spp_adapter)
         config, state = _read_checkpoint(directory)
+        check_same_method(self.spp_model.active_spp_config, config, self.spp_model.active_spp_adapter, directory)
         target = self.spp_model if model is None else self.accelerator.unwrap_model(model)
         expected = self.spp_model.active_spp_config.mask_fingerprint
         if config.mask_fingerprint and expected:
@@ -526,7 +529,7 @@ def _checkpoint_adapter_dir(directory: Path, adapter_name: str) -> Path:
     return directory
 
 
-def _read_checkpoint(directory: Path) -> tuple[SPPConfig, dict[str, torch.Tensor]]:
+def _read_checkpoint(directory: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """(config, tensors) of the adapter in a checkpoint, with errors that say to resume from another one."""
     path = directory / WEIGHTS_NAME
     if not path.is_file():
