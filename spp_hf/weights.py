@@ -47,7 +47,16 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
         return module.weight.t()
     bnb = _bnb()
     if bnb is not None and isinstance(module, bnb.nn.Linear4bit):
-        return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        data, state = module.weight.data, module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks a 4-bit weight for its CPU kernel on the first eval-mode no-grad forward (on
+            # CPUs with AVX-512 BF16); dequantize_4bit reads that layout as garbage, so undo the repacking on a copy.
+            import copy
+
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            data, state = _convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        return bnb.functional.dequantize_4bit(data, state)
     if bnb is not None and isinstance(module, bnb.nn.Linear8bitLt):
         state = module.state
         if state.SCB is None:  # weights not yet quantized (still on the CPU, before .cuda())

@@ -128,6 +128,33 @@ def test_forward_gradients_and_merge_equal_the_formula(arch):
     assert all(torch.equal(dense(lay.base_layer), before[n]) for n, lay in layers.items())
 
 
+def test_nf4_base_uses_the_quantized_base_gemm_and_the_masked_branch(tmp_path):
+    """On a 4-bit base the base GEMM stays quantized and the branch uses the dequantized W's mask; the adapter
+    trains and its merge onto the full-precision base keeps that base's zeros."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    base_dir = tmp_path / "base"
+    pruned().save_pretrained(base_dir)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = get_spp_model(AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant), ml_config())
+    randomize(model)
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert type(layer.base_layer).__name__ == "Linear4bit"
+    w = bnb.functional.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state).float()
+    x = torch.randn(3, 64)
+    a, b = layer.lora_A["default"], layer.lora_B["default"]
+    model.eval()
+    with torch.no_grad():  # eval + no_grad: bitsandbytes repacks the 4-bit weight for its CPU kernel here
+        want = layer.base_layer(x) + 2.0 * x @ ((b @ a) * (w != 0)).t()
+        for _ in range(2):  # the second call reads the repacked weight (the old dense_weight dequantized garbage)
+            torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
+    train_steps(model, steps=2)
+    assert all(lay.lora_B["default"].grad is None for _, lay in model.spp_layers())  # zeroed by the optimizer
+    with pytest.raises(TypeError, match="full-precision"):
+        model.merge_spp()
+
+
 def test_config_validation_and_method_field():
     for bad in (dict(r=0), dict(r=True), dict(lora_alpha="16"), dict(dropout=1.0), dict(target_modules=5)):
         with pytest.raises(ValueError, match="MaskedLoRAConfig"):
