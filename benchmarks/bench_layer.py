@@ -19,15 +19,14 @@ import time
 import torch
 from torch import nn
 
-from spp_hf import SPPConfig, SPPLinear
-from spp_hf.masked_lora import init_masked_lora, masked_lora_fused
+from spp_hf import MaskedLoRAConfig, SPPConfig, SPPLinear
 
 KINDS = ["base", "spp naive", "spp blocked", "spp fused", "masked lora r=8", "lora r=8"]
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
     """The (out, in) weight of a base, SPP or PEFT-wrapped layer."""
-    if isinstance(layer, (SPPLinear, MaskedLoRALinear)):
+    if isinstance(layer, SPPLinear):
         return layer.base_layer.weight
     if hasattr(layer, "base_model"):
         return layer.base_model.model.proj.base_layer.weight
@@ -43,21 +42,6 @@ class _Holder(nn.Module):
         return self.proj(x)
 
 
-class MaskedLoRALinear(nn.Module):
-    """A frozen linear layer with a masked-LoRA adapter on the fused path (the math alone, no adapter
-    machinery): Y = X Wᵀ + b + s·X ((B A) ⊙ (W ≠ 0))ᵀ."""
-
-    def __init__(self, base_layer: nn.Linear, r: int = 8, lora_alpha: float = 16) -> None:
-        super().__init__()
-        self.base_layer, self.scale = base_layer.requires_grad_(False), lora_alpha / r
-        lora_A, lora_B = init_masked_lora(r, base_layer.in_features, base_layer.out_features)
-        self.lora_A, self.lora_B = nn.Parameter(lora_A), nn.Parameter(lora_B)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        return masked_lora_fused(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scale)
-
-
 def make_layer(kind: str, base: nn.Linear) -> nn.Module:
     if kind == "base":
         return base.requires_grad_(False)
@@ -65,9 +49,9 @@ def make_layer(kind: str, base: nn.Linear) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
         return get_peft_model(_Holder(base), LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
-    if kind == "masked lora r=8":
-        layer = MaskedLoRALinear(base, r=8, lora_alpha=16)
-        nn.init.normal_(layer.lora_B, std=0.01)  # a trained adapter: B ≠ 0
+    if kind == "masked lora r=8":  # the adapter layer as models use it (fused on a dense base)
+        layer = SPPLinear(base, "default", MaskedLoRAConfig(r=8, lora_alpha=16))
+        nn.init.normal_(layer.lora_B["default"], std=0.01)  # a trained adapter: B ≠ 0
         return layer
     layer = SPPLinear(base, "default", SPPConfig(r=16, scale=2.0, impl=kind.split()[-1]))
     nn.init.normal_(layer.spp_beta["default"], std=0.01)  # a trained adapter: β ≠ 0
