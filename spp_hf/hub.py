@@ -174,9 +174,9 @@ def push_adapter_folder(
         card = (folder / name / README_NAME) if name else folder / README_NAME
         adapters[name] = _rekeyed(config, tensors, target, sha, repo_id if not name else None, card)
     with tempfile.TemporaryDirectory(prefix="spp-adapter-push-") as tmp:
-        write_adapters(Path(tmp) / "adapter", adapters)
-        return push_folder(Path(tmp) / "adapter", repo_id, private, revision, commit_message or "Upload SPP adapter",
-                           token, create_pr=create_pr)  # fmt: skip
+        staged = write_adapters(Path(tmp) / "adapter", adapters)
+        message = commit_message or f"Upload {describe_folder(staged)}"
+        return push_folder(staged, repo_id, private, revision, message, token, create_pr=create_pr)
 
 
 def _named_adapters(folder: Path) -> list[str]:
@@ -280,10 +280,17 @@ def _cached_commits(name: str) -> set[str]:
 
 
 def describe_folder(folder: str | os.PathLike) -> str:
-    """'SPP adapter', 'SPP-merged model', 'merged model', 'pruned base' or 'model', from the files in a folder."""
+    """'SPP adapter', 'masked-LoRA adapter', 'SPP-merged model', 'merged model', 'pruned base' or 'model', from the
+    files in a folder."""
+    import json
+
     folder = Path(folder)
     if (folder / CONFIG_NAME).is_file():
-        return "SPP adapter"
+        try:
+            method = json.loads((folder / CONFIG_NAME).read_bytes()).get("method", "spp")
+        except (ValueError, AttributeError):
+            method = "spp"
+        return "masked-LoRA adapter" if method == "masked_lora" else "SPP adapter"
     data = read_sparsity_json(folder)
     if data is not None:
         return {"spp-merged": "SPP-merged model", "merged": "merged model"}.get(data.get("kind"), "pruned base")

@@ -353,7 +353,9 @@ def test_push_and_from_pretrained_over_the_hub(hub, tmp_path, monkeypatch):  # n
     model = get_spp_model(AutoModelForCausalLM.from_pretrained("user/tiny-base"), ml_config())
     train_steps(model)
     model.push_to_hub("user/tiny-base-masked-lora")
-    pushed = json.loads(hub.state.repo("user/tiny-base-masked-lora").resolve("main").files["spp_config.json"])
+    repo = hub.state.repo("user/tiny-base-masked-lora")
+    assert repo.resolve("main").message == "Upload masked-LoRA adapter"
+    pushed = json.loads(repo.resolve("main").files["spp_config.json"])
     assert (pushed["method"], pushed["base_model_name_or_path"], pushed["base_model_revision"]) == (
         "masked_lora", "user/tiny-base", base_sha)  # fmt: skip
     expected = copy.deepcopy(model).merge_and_unload()(IDS).logits
@@ -417,3 +419,12 @@ def test_smollm2_masked_lora_round_trip(smollm2_dir, tmp_path):
         torch.testing.assert_close(merged(**batch).logits, logits, rtol=1e-3, atol=1e-3)
     after = zero_masks(merged)
     assert after.keys() == base_zeros.keys() and all(torch.equal(after[n], base_zeros[n]) for n in base_zeros)
+
+
+def test_describe_folder_tells_the_methods_apart(tmp_path):
+    from spp_hf.hub import describe_folder
+
+    get_spp_model(pruned(), ml_config()).save_pretrained(tmp_path / "ml")
+    get_spp_model(pruned(), SPPConfig(r=4)).save_pretrained(tmp_path / "spp")
+    assert describe_folder(tmp_path / "ml") == "masked-LoRA adapter"
+    assert describe_folder(tmp_path / "spp") == "SPP adapter"
