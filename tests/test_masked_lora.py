@@ -428,3 +428,39 @@ def test_describe_folder_tells_the_methods_apart(tmp_path):
     get_spp_model(pruned(), SPPConfig(r=4)).save_pretrained(tmp_path / "spp")
     assert describe_folder(tmp_path / "ml") == "masked-LoRA adapter"
     assert describe_folder(tmp_path / "spp") == "SPP adapter"
+
+
+def test_publish_a_run_with_a_masked_lora_variant(hub, tmp_path, monkeypatch):  # noqa: F811
+    """`spp-hf publish` of a run whose method is masked LoRA: base, adapter re-keyed to it, merged model; the
+    adapter then loads anywhere and equals the published merged model, with the base's zeros."""
+    from huggingface_hub import constants
+
+    from spp_hf.artifacts import model_sparsity_record, write_model_folder
+    from spp_hf.cli import main as cli_main
+
+    run = tmp_path / "runs" / "ml"
+    base = pruned()
+    write_model_folder(base, None, run / "pruned", "# pruned\n", model_sparsity_record(base, "pruned-base", method="magnitude"))
+    model = get_spp_model(AutoModelForCausalLM.from_pretrained(run / "pruned"), ml_config())
+    train_steps(model)
+    model.save_pretrained(run / "masked_lora" / "adapter")
+    merged = model.merge_and_unload()
+    write_model_folder(merged, None, run / "masked_lora" / "merged", "# merged\n", model_sparsity_record(merged, "merged"))
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert cli_main(["publish", str(run), "user/tiny-ml"]) == 0
+    files = hub.state.repo("user/tiny-ml-masked_lora").resolve("main").files
+    config = json.loads(files["spp_config.json"])
+    assert config["method"] == "masked_lora" and config["base_model_name_or_path"] == "user/tiny-ml"
+    assert "masked-LoRA adapter" in files["README.md"].decode()
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_TOKEN")
+    cache = hub.cache_dir.parent / "empty-cache-publish-ml"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    from_adapter = SPPModel.from_pretrained("user/tiny-ml-masked_lora")
+    published = AutoModelForCausalLM.from_pretrained("user/tiny-ml-masked_lora-merged")
+    ours, theirs = dict(iter_linear_weights(from_adapter)), dict(iter_linear_weights(published))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert all(torch.equal(zero_masks(from_adapter)[n], m) for n, m in zero_masks(base).items())
