@@ -104,7 +104,7 @@ def test_forward_gradients_and_merge_equal_the_formula(arch):
 
     a = layer.lora_A["default"].detach().clone().requires_grad_(True)
     b = layer.lora_B["default"].detach().clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(f, (x[:, :3].clone().requires_grad_(True), a, b), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(f, (x[:, :3].clone().requires_grad_(True), a, b), eps=1e-6, atol=1e-6, fast_mode=True)
 
     # and the gradients equal those of the independent formula
     xr = x.clone().requires_grad_(True)
