@@ -155,6 +155,32 @@ def test_nf4_base_uses_the_quantized_base_gemm_and_the_masked_branch(tmp_path):
         model.merge_spp()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merge_checks_in_every_dtype(dtype):
+    """The merge is W + s·(B A) ⊙ M computed in float32 and cast once; zeros stay +0.0, unmerge is bit-exact, and a
+    merge that would not be finite is refused with the weights untouched."""
+    model = get_spp_model(pruned(dtype=dtype), ml_config())
+    randomize(model)
+    bits = {n: lay.base_layer.weight.detach().clone() for n, lay in model.spp_layers()}
+    model.merge_spp()
+    for n, lay in model.spp_layers():
+        w = bits[n].float()
+        update = 2.0 * (lay.lora_B["default"].float() @ lay.lora_A["default"].float())
+        want = torch.where(w != 0, w + update, torch.zeros_like(w)).to(dtype)
+        got = lay.base_layer.weight
+        assert torch.equal(got, want) and torch.equal(got == 0, bits[n] == 0) and not torch.signbit(got[bits[n] == 0]).any()
+    model.unmerge_spp()
+    assert all(torch.equal(lay.base_layer.weight, bits[n]) for n, lay in model.spp_layers())
+
+    layer = model.get_submodule("model.layers.1.mlp.up_proj")
+    with torch.no_grad():
+        layer.lora_B["default"][0, 0] = float("inf")
+    with pytest.raises(ValueError, match="not be finite"):
+        model.merge_spp()
+    assert all(torch.equal(lay.base_layer.weight, bits[n]) for n, lay in model.spp_layers())
+    assert not any(lay.merged for _, lay in model.spp_layers())
+
+
 def test_config_validation_and_method_field():
     for bad in (dict(r=0), dict(r=True), dict(lora_alpha="16"), dict(dropout=1.0), dict(target_modules=5)):
         with pytest.raises(ValueError, match="MaskedLoRAConfig"):
