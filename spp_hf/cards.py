@@ -21,7 +21,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
-from .config import AdapterConfig, MaskedLoRAConfig, SPPConfig
+from .config import AdapterConfig, MaskedLoRAConfig
 from .hub import is_hub_id
 
 PLACEHOLDER_REPO_ID = "<this-repo-id>"
