@@ -32,13 +32,15 @@ OFFLINE_TASKS = ("spp_boolq", "spp_arc_easy", "spp_arc_challenge", "spp_openbook
 TASK_SETS = {"offline": OFFLINE_TASKS, "bundled": OFFLINE_TASKS, "paper": PAPER_TASKS}
 DEFAULT_FEWSHOT = {"mmlu": 5}  # the paper's protocol; every other task is zero-shot
 DEFAULT_SEQLEN_CAP = 2048  # LLaMA-1's context, as in Wanda/SparseGPT; longer contexts are slow on CPUs
-_TRUE = {"1", "true", "yes", "on"}
 
 
 # --------------------------------------------------------------------------- data
 def offline_mode() -> bool:
-    """True when the user asked huggingface_hub / datasets not to use the network."""
-    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    """True when the user asked huggingface_hub not to use the network (HF_HUB_OFFLINE): huggingface_hub's
+    own answer, the one spp-hf asks everywhere (datasets and transformers follow the same variable)."""
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
 
 
 @functools.lru_cache(maxsize=1)
@@ -334,20 +336,20 @@ def load_for_eval(
     """(model, tokenizer, info) for a checkpoint folder / repo id, or an SPP adapter (merged on load)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .config import CONFIG_NAME, SPPConfig
+    from .config import CONFIG_NAME, AdapterConfig
     from .loading import SPPModel, resolve_adapter
 
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     if is_spp_adapter(name_or_path, revision):
         directory = resolve_adapter(name_or_path, revision=revision)
-        config = SPPConfig.from_json_file(directory / CONFIG_NAME)
+        config = AdapterConfig.from_json_file(directory / CONFIG_NAME)
         model = SPPModel.from_pretrained(directory, merge=True, torch_dtype=dtype)
         if (directory / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(directory)
         else:  # adapters carry no tokenizer: use the base's
             tokenizer = AutoTokenizer.from_pretrained(config.base_model_name_or_path, revision=config.base_model_revision)
-        info = {"model": str(name_or_path), "kind": "spp-adapter (merged)", "base_model": config.base_model_name_or_path}
+        info = {"model": str(name_or_path), "kind": "spp-adapter (merged)", "method": config.method, "base_model": config.base_model_name_or_path}
     else:
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), revision=revision, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision)

@@ -3,15 +3,7 @@
 A method turns the pruned base into a trainer (`prepare`) and, once trained, into a plain transformers
 model that keeps the base's zeros (`Prepared.merge`). The pipeline does everything else the same way
 for every method: data, steps, seeds, timing, peak memory, the bit-for-bit zero check, saving and
-evaluation. Adding a method is one `register(...)` call; for example the masked LoRA baseline, an
-adapter trained and merged exactly like SPP::
-
-    register("masked_lora", Method(
-        label="masked LoRA",
-        learning_rate=lambda cfg: cfg.lora.learning_rate,
-        prepare=adapter_method(lambda cfg: MaskedLoRAConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, dropout=cfg.train.dropout,
-            target_modules=list(cfg.train.target_modules)))))
+evaluation. Adding a method is one `register(...)` call (see the entries at the end of this module).
 """
 
 from __future__ import annotations
@@ -130,6 +122,14 @@ def _spp_config(cfg: "PipelineConfig"):
     return SPPConfig(r=t.r, scale=t.scale, dropout=t.dropout, impl=t.impl, target_modules=list(t.target_modules))
 
 
+def _masked_lora_config(cfg: "PipelineConfig"):
+    from .config import MaskedLoRAConfig
+
+    return MaskedLoRAConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, dropout=cfg.train.dropout, target_modules=list(cfg.train.target_modules)
+    )
+
+
 # --------------------------------------------------------------------------- LoRA*
 def _prepare_lora_star(cfg, pruned, data, args, trainer_kwargs, zeros) -> Prepared:
     """LoRA* (paper Table 5): LoRA on the same targets, data and steps, merged, then the pruning mask re-applied."""
@@ -192,5 +192,6 @@ def _masked_full_card(pruned: Path, targets: list[str]) -> Callable[[nn.Module],
 
 
 register("spp", Method("SPP", lambda cfg: cfg.train.learning_rate, adapter_method(_spp_config)))
+register("masked_lora", Method("masked LoRA", lambda cfg: cfg.lora.learning_rate, adapter_method(_masked_lora_config, kind="merged")))
 register("lora_star", Method("LoRA*", lambda cfg: cfg.lora.learning_rate, _prepare_lora_star))
 register("masked_full", Method("masked full FT", lambda cfg: cfg.masked_full.learning_rate, _prepare_masked_full))

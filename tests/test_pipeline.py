@@ -33,8 +33,8 @@ FAST = [
     "train.save_steps=2", "train.max_samples=16", "eval.ppl_seqlen=128", "eval.ppl_windows=2",
     "eval.heldout_windows=2", "eval.tasks=spp_copa", "eval.limit=4",
 ]  # fmt: skip
-EVERY_METHOD = ["methods=[spp, lora_star, masked_full]", "method_seeds={spp: [0, 1]}", "train.weight_decay=0.1"]  # AdamW decays every weight
-VARIANTS = ("spp_s0", "spp_s1", "lora_star_s0", "masked_full_s0")
+EVERY_METHOD = ["methods=[spp, lora_star, masked_lora, masked_full]", "method_seeds={spp: [0, 1]}", "train.weight_decay=0.1"]  # AdamW decays every weight
+VARIANTS = ("spp_s0", "spp_s1", "lora_star_s0", "masked_lora_s0", "masked_full_s0")
 
 
 def _run(tiny_dense, tmp_path, name: str, items: list[str], skip: str = "") -> Path:
@@ -71,7 +71,7 @@ def test_pipeline_compares_every_method_resumes_and_keeps_zeros(tiny_dense, tmp_
     assert 0.0 <= copa["acc"] <= 1.0 and copa["acc_stderr"] > 0 and copa["n"] == 4
 
     metrics = {v: json.loads((run / v / "train" / "metrics.json").read_text()) for v in VARIANTS}
-    assert [metrics[v]["seed"] for v in VARIANTS] == [0, 1, 0, 0]
+    assert [metrics[v]["seed"] for v in VARIANTS] == [0, 1, 0, 0, 0]
     assert all(m["train_seconds"] > 0 and m["steps"] == 4 and m["peak_memory_bytes"] > 0 for m in metrics.values())
     assert all(m["epochs"] == pytest.approx(4 * 2 / 16) for m in metrics.values())  # 8 of the 16 Alpaca rows
     targets = [w for n, w in iter_linear_weights(pruned) if n.rsplit(".", 1)[-1] in PipelineConfig().train.target_modules]
@@ -79,16 +79,17 @@ def test_pipeline_compares_every_method_resumes_and_keeps_zeros(tiny_dense, tmp_
     spp_params = sum(w.shape[0] * 16 + w.shape[1] for w in targets)  # α: (out, r), β: (1, in) per targeted layer
     assert metrics["spp_s0"]["trainable_parameters"] == spp_params
     assert metrics["lora_star_s0"]["trainable_parameters"] == sum(8 * (w.shape[0] + w.shape[1]) for w in targets)
+    assert metrics["masked_lora_s0"]["trainable_parameters"] == metrics["lora_star_s0"]["trainable_parameters"]
     # seeds change the run: the two SPP seeds start from different α and see the data in another order
     seed_losses = [json.loads((run / v / "train" / "loss_history.json").read_text()) for v in ("spp_s0", "spp_s1")]
     assert [s for s, _ in seed_losses[0]] == [1, 2, 3, 4] and seed_losses[0] != seed_losses[1]
 
     report = (run / "report.md").read_text()
     for text in ("| model | WikiText-2 ppl | gap | Wikipedia val. ppl | gap | C4 held-out ppl | gap | spp_copa acc |",
-                 "SPP s1", "LoRA* s0", "masked full FT s0", "## Across seeds", "| spp | 2 |", "| masked_full | 1 |", "gap_vs_cost.png",
+                 "SPP s1", "LoRA* s0", "masked LoRA s0", "masked full FT s0", "## Across seeds", "| spp | 2 |", "| masked_full | 1 |", "gap_vs_cost.png",
                  "language-modelling loss", "± ", "of `bundled` (0.5 epochs)"):  # fmt: skip
         assert text in report, text
-    assert report.count("identical to the pruned base") == 4 and "DIFFER" not in report
+    assert report.count("identical to the pruned base") == 5 and "DIFFER" not in report
 
     # a second run, through `spp-hf run`, skips every finished stage: nothing is retrained or re-evaluated
     stamp = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
@@ -106,7 +107,7 @@ def test_pipeline_compares_every_method_resumes_and_keeps_zeros(tiny_dense, tmp_
     save_file(tensors, file, metadata={"format": "pt"})
     _run(tiny_dense, tmp_path, "fast", FAST + EVERY_METHOD)
     report = (run / "report.md").read_text()
-    assert report.count("identical to the pruned base") == 3 and "LoRA* s0: zero masks DIFFER from the pruned base's in 1 layers" in report
+    assert report.count("identical to the pruned base") == 4 and "LoRA* s0: zero masks DIFFER from the pruned base's in 1 layers" in report
 
 
 def test_a_merged_model_without_the_base_zeros_is_not_saved(tmp_path):
@@ -211,12 +212,12 @@ def test_recovery_configs_compare_the_issue_s_methods():
     folder = Path(__file__).resolve().parents[1] / "recipes" / "configs"
     two_four = PipelineConfig.from_yaml(folder / RECOVERY[0])
     names = [v.name for v in variants(two_four)]
-    assert names == ["spp_s0", "spp_s1", "lora_star_s0", "lora_star_s1", "masked_full_s0"]
+    assert names == ["spp_s0", "spp_s1", "lora_star_s0", "lora_star_s1", "masked_lora_s0", "masked_lora_s1", "masked_full_s0"]
     assert two_four.prune.sparsity == "2:4"
     dropout = variants(PipelineConfig.from_yaml(folder / RECOVERY[0], ["methods=[spp_dropout05]"]))
     assert [v.name for v in dropout] == ["spp_dropout05_s0", "spp_dropout05_s1"] and dropout[0].method == "spp"
     seventy_five = PipelineConfig.from_yaml(folder / RECOVERY[1])
-    assert seventy_five.prune.sparsity == 0.75 and [v.method for v in variants(seventy_five)] == ["spp", "lora_star"]
+    assert seventy_five.prune.sparsity == 0.75 and [v.method for v in variants(seventy_five)] == ["spp", "lora_star", "masked_lora"]
 
 
 def test_variants_expand_methods_seeds_and_settings():
