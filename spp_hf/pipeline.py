@@ -101,7 +101,7 @@ class MaskedFullSettings:
 @dataclass
 class EvalSettings:
     ppl_seqlen: int = 1024
-    ppl_windows: int | None = 8  # WikiText-2 test windows
+    ppl_windows: int | None = 8  # WikiText-2 test windows (None: all; 0: none, for tuning runs that must not see the test set)
     # Perplexity on texts that no stage trains or calibrates on (bundled corpora; 'none' for none).
     heldout: str = "wiki-validation,c4-heldout"
     heldout_windows: int | None = 4  # the default run is a quick demo; the recovery configs use 16
@@ -457,9 +457,10 @@ def stage_eval(cfg: PipelineConfig, paths: dict[str, Path]) -> dict[str, dict]:
         out = cfg.run_dir / "eval" / f"{variant}.json"
         if not _done(out, f"evaluate {variant}"):
             model, tokenizer = load_plain(path)
-            ppl = perplexity_result(model, tokenizer, seqlen=cfg.eval.ppl_seqlen, max_windows=cfg.eval.ppl_windows)
-            record: dict[str, Any] = {"variant": variant, "path": str(path), "ppl": ppl.ppl, "nll": ppl.nll,
-                                      "ppl_windows": ppl.windows, "ppl_seqlen": ppl.seqlen, "heldout": {}}  # fmt: skip
+            record: dict[str, Any] = {"variant": variant, "path": str(path), "ppl_seqlen": cfg.eval.ppl_seqlen, "heldout": {}}
+            if cfg.eval.ppl_windows != 0:
+                ppl = perplexity_result(model, tokenizer, seqlen=cfg.eval.ppl_seqlen, max_windows=cfg.eval.ppl_windows)
+                record.update(ppl=ppl.ppl, nll=ppl.nll, ppl_windows=ppl.windows)
             for name in _heldout_names(cfg):
                 found = corpus_perplexity(model, tokenizer, name, seqlen=cfg.eval.ppl_seqlen, max_windows=cfg.eval.heldout_windows)
                 record["heldout"][name] = {"ppl": found.ppl, "nll": found.nll, "windows": found.windows, "seqlen": found.seqlen}

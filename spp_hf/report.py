@@ -49,8 +49,9 @@ def _zero_ratios(fingerprint: dict) -> list[float]:
 
 
 def perplexities(record: dict) -> dict[str, float]:
-    """{text: perplexity} of one evaluation record: WikiText-2 first, then the held-out texts."""
-    return {"wikitext2": record["ppl"], **{name: r["ppl"] for name, r in record.get("heldout", {}).items()}}
+    """{text: perplexity} of one evaluation record: WikiText-2 first (when evaluated), then the held-out texts."""
+    found = {"wikitext2": record["ppl"]} if "ppl" in record else {}
+    return found | {name: r["ppl"] for name, r in record.get("heldout", {}).items()}
 
 
 def gaps(results: dict[str, dict], variant: str) -> dict[str, float]:
@@ -170,6 +171,10 @@ def _count(n: int | None) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n:,}"
 
 
+def _ppl(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
 def _results_table(results: dict[str, dict], labels: dict[str, str], metrics: dict[str, dict]) -> list[str]:
     texts = list(perplexities(next(iter(results.values()))))
     tasks = sorted({t for r in results.values() for t in r.get("zero_shot", {})})
@@ -178,7 +183,7 @@ def _results_table(results: dict[str, dict], labels: dict[str, str], metrics: di
     lines = [header, "|" + " --- |" * (header.count("|") - 1)]
     for name, record in results.items():
         ppl, gap, m = perplexities(record), gaps(results, name) if name not in ("dense", "pruned") else {}, metrics.get(name, {})
-        row = f"| {labels[name]} |" + "".join(f" {ppl[t]:.2f} | {f'{100 * gap[t]:.1f}%' if t in gap else ''} |" for t in texts)
+        row = f"| {labels[name]} |" + "".join(f" {_ppl(ppl.get(t))} | {f'{100 * gap[t]:.1f}%' if t in gap else ''} |" for t in texts)
         row += "".join(_acc(record.get("zero_shot", {}).get(t)) for t in tasks)
         memory, secs = m.get("peak_memory_bytes"), m.get("train_seconds")
         row += f" {_count(m.get('trainable_parameters'))} | {'' if secs is None else f'{secs:.0f}'} |"
@@ -202,7 +207,10 @@ def _summary_table(results: dict[str, dict], runs: Sequence["Variant"]) -> list[
     for entry, names in groups.items():
         cells = ""
         for t in texts:
-            values = [perplexities(results[n])[t] for n in names]
+            values = [v for n in names if (v := perplexities(results[n]).get(t)) is not None]
+            if not values:
+                cells += " | |"
+                continue
             spread = f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else ""
             gap = [g[t] for g in (gaps(results, n) for n in names) if t in g]
             cells += f" {mean(values):.2f}{spread} | {f'{100 * mean(gap):.1f}%' if gap else ''} |"
@@ -228,9 +236,10 @@ def write_report(cfg: "PipelineConfig", runs: Sequence["Variant"], results: dict
         lines += _results_table(results, labels, metrics)
         some = next(iter(results.values()))
         held = ", ".join(f"{TEXT_LABELS.get(n, n)} {r['windows']} windows" for n, r in some.get("heldout", {}).items())
-        lines += ["", f"Perplexity: windows of {some.get('ppl_seqlen')} tokens; WikiText-2 raw test {some.get('ppl_windows')} windows "
-                  f"(rows joined with \"\\n\\n\"){'; ' + held if held else ''}. The held-out texts are never trained or calibrated "
-                  "on (`spp_hf.corpora`). Gap closed = (log ppl_pruned − log ppl) / (log ppl_pruned − log ppl_dense). "
+        wikitext = (f"WikiText-2 raw test {some['ppl_windows']} windows (rows joined with \"\\n\\n\")" if "ppl_windows" in some
+                    else "WikiText-2 test not evaluated (eval.ppl_windows 0)")
+        lines += ["", f"Perplexity: windows of {some.get('ppl_seqlen')} tokens; {wikitext}{'; ' + held if held else ''}. "
+                  "The held-out texts are never trained or calibrated on (`spp_hf.corpora`). Gap closed = (log ppl_pruned − log ppl) / (log ppl_pruned − log ppl_dense). "
                   "Zero-shot: accuracy ± lm-eval's standard error. Trainable: the weights a method can change. "
                   f"Peak memory: {next((m['peak_memory_kind'] for m in metrics.values() if m), 'n/a')} while the method "
                   "was loaded and trained.", ""]  # fmt: skip

@@ -12,7 +12,8 @@ from conftest import TINY
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from spp_hf.cli import main as cli_main
-from spp_hf.pipeline import PipelineConfig, apply_overrides, check_data_separation, gap_closed, run_pipeline, variants
+from spp_hf.methods import get_method
+from spp_hf.pipeline import PipelineConfig, _variant_config, apply_overrides, check_data_separation, gap_closed, run_pipeline, variants
 from spp_hf.sparsity import iter_linear_weights
 
 
@@ -162,6 +163,22 @@ def test_pipeline_distils_every_method_from_the_dense_model(tiny_dense, tmp_path
     assert "distilled from the dense model" in (tmp_path / "kd" / "report.md").read_text()
 
 
+def test_a_tuning_run_never_evaluates_wikitext2_test(tiny_dense, tmp_path, monkeypatch):
+    """eval.ppl_windows=0: learning-rate probes are scored on the validation split and never touch WikiText-2 test."""
+    import spp_hf.evaluation
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("WikiText-2 test was evaluated")
+
+    monkeypatch.setattr(spp_hf.evaluation, "_load_wikitext2", refuse)
+    items = FAST + ["train.max_steps=2", "methods=[spp]", "eval.ppl_windows=0", "eval.heldout=wiki-validation", "eval.tasks=none"]
+    report = _run(tiny_dense, tmp_path, "probe", items).read_text()
+    records = {v: json.loads((tmp_path / "probe" / "eval" / f"{v}.json").read_text()) for v in ("dense", "pruned", "spp_s0")}
+    assert all("ppl" not in r and math.isfinite(r["heldout"]["wiki-validation"]["ppl"]) for r in records.values())
+    assert "WikiText-2 test not evaluated" in report and "| Wikipedia val. ppl | gap |" in report
+    assert "WikiText-2 ppl" not in report
+
+
 def test_config_overrides_and_errors(tmp_path):
     cfg = PipelineConfig.from_dict(apply_overrides({}, ["train.max_steps=7", "prune.sparsity=0.5", "name=x"]))
     assert cfg.train.max_steps == 7 and cfg.prune.sparsity == 0.5 and cfg.run_dir.name == "x"
@@ -218,6 +235,23 @@ def test_recovery_configs_compare_the_issue_s_methods():
     assert [v.name for v in dropout] == ["spp_dropout05_s0", "spp_dropout05_s1"] and dropout[0].method == "spp"
     seventy_five = PipelineConfig.from_yaml(folder / RECOVERY[1])
     assert seventy_five.prune.sparsity == 0.75 and [v.method for v in variants(seventy_five)] == ["spp", "lora_star", "masked_lora"]
+
+
+def test_learning_rate_sweep_probes_the_comparison_on_validation_only():
+    """The shipped sweep trains like the 2:4 comparison (fewer steps), brackets each method's rate, and never sees a test text."""
+    folder = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+    sweep, comparison = (PipelineConfig.from_yaml(folder / n) for n in ("smollm2_wanda24_lr_sweep.yaml", RECOVERY[0]))
+    assert sweep.prune == comparison.prune and sweep.lora.r == comparison.lora.r
+    skip = {"max_steps", "learning_rate"}
+    assert {k: v for k, v in vars(sweep.train).items() if k not in skip} == {k: v for k, v in vars(comparison.train).items() if k not in skip}
+    assert sweep.eval.ppl_windows == 0 and sweep.eval.heldout == "wiki-validation" and sweep.eval.tasks == "none"
+    check_data_separation(sweep)
+    rates: dict[str, list[float]] = {}
+    for v in variants(sweep):
+        rates.setdefault(v.method, []).append(get_method(v.method).learning_rate(_variant_config(sweep, v.overrides, 0)))
+    for method, found in rates.items():
+        rate = get_method(method).learning_rate(comparison)
+        assert rate in found and min(found) < rate < max(found), (method, rate, found)  # the comparison's rate, bracketed
 
 
 def test_variants_expand_methods_seeds_and_settings():
