@@ -239,7 +239,8 @@ def write_report(cfg: "PipelineConfig", runs: Sequence["Variant"], results: dict
         wikitext = (f"WikiText-2 raw test {some['ppl_windows']} windows (rows joined with \"\\n\\n\")" if "ppl_windows" in some
                     else "WikiText-2 test not evaluated (eval.ppl_windows 0)")
         lines += ["", f"Perplexity: windows of {some.get('ppl_seqlen')} tokens; {wikitext}{'; ' + held if held else ''}. "
-                  "The held-out texts are never trained or calibrated on (`spp_hf.corpora`). Gap closed = (log ppl_pruned − log ppl) / (log ppl_pruned − log ppl_dense). "
+                  "The held-out texts are never trained or calibrated on (`spp_hf.corpora`). "
+                  "Gap closed = (log ppl_pruned − log ppl) / (log ppl_pruned − log ppl_dense). "
                   "Zero-shot: accuracy ± lm-eval's standard error. Trainable: the weights a method can change. "
                   f"Peak memory: {next((m['peak_memory_kind'] for m in metrics.values() if m), 'n/a')} while the method "
                   "was loaded and trained.", ""]  # fmt: skip
