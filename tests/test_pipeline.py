@@ -254,6 +254,18 @@ def test_learning_rate_sweep_probes_the_comparison_on_validation_only():
         assert rate in found and min(found) < rate < max(found), (method, rate, found)  # the comparison's rate, bracketed
 
 
+def test_every_comparison_rate_was_probed_on_validation():
+    """Each rate the 2:4 comparison trains at (defaults and its rate variants) is one the validation sweep probed."""
+    folder = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+    sweep = PipelineConfig.from_yaml(folder / "smollm2_wanda24_lr_sweep.yaml")
+    probed = {(v.method, get_method(v.method).learning_rate(_variant_config(sweep, v.overrides, 0))) for v in variants(sweep)}
+    comparison = PipelineConfig.from_yaml(folder / RECOVERY[0])
+    everything = PipelineConfig.from_yaml(folder / RECOVERY[0], [f"methods=[{', '.join([*comparison.methods, *comparison.variants])}]"])
+    trained = {(v.method, get_method(v.method).learning_rate(_variant_config(everything, v.overrides, 0))) for v in variants(everything)}
+    assert {"lora_star_lr6e3", "masked_lora_lr6e3", "masked_full_lr1e3"} <= set(comparison.variants)
+    assert trained <= probed, sorted(trained - probed)
+
+
 def test_variants_expand_methods_seeds_and_settings():
     cfg = PipelineConfig.from_dict(apply_overrides({}, [
         "methods=[spp, lora_star, drop]", "seeds=[3, 4]", "method_seeds={lora_star: [7]}",
