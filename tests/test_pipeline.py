@@ -229,7 +229,8 @@ def test_recovery_configs_compare_the_issue_s_methods():
     folder = Path(__file__).resolve().parents[1] / "recipes" / "configs"
     two_four = PipelineConfig.from_yaml(folder / RECOVERY[0])
     names = [v.name for v in variants(two_four)]
-    assert names == ["spp_s0", "spp_s1", "lora_star_s0", "lora_star_s1", "masked_lora_s0", "masked_lora_s1", "masked_full_s0"]
+    assert names == ["spp_s0", "spp_s1", "lora_star_lr6e3_s0", "lora_star_lr6e3_s1", "masked_lora_lr6e3_s0", "masked_lora_lr6e3_s1", "masked_full_lr1e3_s0"]
+    assert [v.method for v in variants(two_four)] == ["spp", "spp", "lora_star", "lora_star", "masked_lora", "masked_lora", "masked_full"]
     assert two_four.prune.sparsity == "2:4"
     dropout = variants(PipelineConfig.from_yaml(folder / RECOVERY[0], ["methods=[spp_dropout05]"]))
     assert [v.name for v in dropout] == ["spp_dropout05_s0", "spp_dropout05_s1"] and dropout[0].method == "spp"
@@ -255,12 +256,13 @@ def test_learning_rate_sweep_probes_the_comparison_on_validation_only():
 
 
 def test_every_comparison_rate_was_probed_on_validation():
-    """Each rate the 2:4 comparison trains at (defaults and its rate variants) is one the validation sweep probed."""
+    """Each rate the 2:4 comparison trains at (its methods, their first rates, every variant) is one the validation sweep probed."""
     folder = Path(__file__).resolve().parents[1] / "recipes" / "configs"
     sweep = PipelineConfig.from_yaml(folder / "smollm2_wanda24_lr_sweep.yaml")
     probed = {(v.method, get_method(v.method).learning_rate(_variant_config(sweep, v.overrides, 0))) for v in variants(sweep)}
     comparison = PipelineConfig.from_yaml(folder / RECOVERY[0])
-    everything = PipelineConfig.from_yaml(folder / RECOVERY[0], [f"methods=[{', '.join([*comparison.methods, *comparison.variants])}]"])
+    entries = dict.fromkeys([*comparison.methods, *comparison.variants, "lora_star", "masked_lora", "masked_full"])
+    everything = PipelineConfig.from_yaml(folder / RECOVERY[0], [f"methods=[{', '.join(entries)}]"])
     trained = {(v.method, get_method(v.method).learning_rate(_variant_config(everything, v.overrides, 0))) for v in variants(everything)}
     assert {"lora_star_lr6e3", "masked_lora_lr6e3", "masked_full_lr1e3"} <= set(comparison.variants)
     assert trained <= probed, sorted(trained - probed)
