@@ -229,7 +229,7 @@ def test_recovery_configs_compare_the_issue_s_methods():
     folder = Path(__file__).resolve().parents[1] / "recipes" / "configs"
     two_four = PipelineConfig.from_yaml(folder / RECOVERY[0])
     names = [v.name for v in variants(two_four)]
-    assert names == ["spp_s0", "spp_s1", "lora_star_lr6e3_s0", "lora_star_lr6e3_s1", "masked_lora_lr6e3_s0", "masked_lora_lr6e3_s1", "masked_full_lr1e3_s0"]
+    assert names == ["spp_s0", "spp_s1", "lora_star_lr6e3_s0", "lora_star_lr6e3_s1", "masked_lora_s0", "masked_lora_s1", "masked_full_lr1e3_s0"]
     assert [v.method for v in variants(two_four)] == ["spp", "spp", "lora_star", "lora_star", "masked_lora", "masked_lora", "masked_full"]
     assert two_four.prune.sparsity == "2:4"
     dropout = variants(PipelineConfig.from_yaml(folder / RECOVERY[0], ["methods=[spp_dropout05]"]))
