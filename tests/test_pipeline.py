@@ -235,7 +235,7 @@ def test_recovery_configs_compare_the_issue_s_methods():
     dropout = variants(PipelineConfig.from_yaml(folder / RECOVERY[0], ["methods=[spp_dropout05]"]))
     assert [v.name for v in dropout] == ["spp_dropout05_s0", "spp_dropout05_s1"] and dropout[0].method == "spp"
     seventy_five = PipelineConfig.from_yaml(folder / RECOVERY[1])
-    assert seventy_five.prune.sparsity == 0.75 and [v.method for v in variants(seventy_five)] == ["spp", "lora_star", "masked_lora"]
+    assert seventy_five.prune.sparsity == 0.75 and [v.name for v in variants(seventy_five)] == ["spp_s0", "spp_s1", "lora_star_s0", "lora_star_s1", "masked_lora_s0"]
 
 
 def test_learning_rate_sweep_probes_the_comparison_on_validation_only():
