@@ -1,39 +1,51 @@
 """Everything spp-hf writes to disk: file names, durable atomic writes, adapter folders, model folders.
 
-Durability. A file is written to a temp file beside its target, fsync'ed, given mode 0644 and renamed
-onto the target, then the folder is fsync'ed so the rename itself survives a power loss. A folder is
-written into a staging folder beside its target (every file and folder fsync'ed, mode 0755), then:
+spp-hf owns only the files it writes. Saving into an existing folder replaces spp-hf's own files and leaves
+every other entry (hidden or not: `.git`, `.env`, a user's notes, a Trainer's checkpoints) and the folder's
+mode as they were. A model folder is written only into a new or empty folder (hidden entries alone, as in a
+fresh clone of a Hub repo, count as empty) or over an earlier spp-hf model folder of the same kind
+(`check_model_folder_target`, called before any expensive work).
+
+Durability. A file is written to a temp file beside its target (created like any new file, so the umask
+decides its mode; a replaced file keeps its mode), fsync'ed and renamed onto the target, then the folder is
+fsync'ed so the rename itself survives a power loss. A folder is written into a staging folder beside its
+target; the entries of the old folder that the new save neither writes nor owns are hard-linked (copied
+where links fail) into it, every file and folder is fsync'ed, then:
 
 - target missing: the staging folder is renamed onto it (atomic), the parent fsync'ed;
 - target present, on Linux: the two are swapped with `renameat2(RENAME_EXCHANGE)` (one atomic step:
   a reader sees the old folder or the new one, never neither), the parent fsync'ed, then the old
   folder (now under the staging name) removed;
-- target present where the kernel or file system cannot exchange: the old folder is renamed aside to
-  `.<name>.old`, the new one renamed into place, the aside removed. A crash between the two renames
-  leaves only the aside; `recover_dir` (called by every reader here and before every write) renames it
-  back. So a reader of spp-hf artifacts always finds the complete old or the complete new folder.
+- target present where the kernel or file system cannot exchange: the old folder is renamed aside, the
+  new one renamed into place, the aside removed. A crash between the two renames leaves only the aside,
+  which readers read (`readable_folder`) and the next writer renames back.
+
+Temporary entries carry spp-hf's mark in their names (`.<name>.spp-hf-staging-…`, `.<name>.spp-hf-old-…`,
+`.<name>.spp-hf-tmp-…`); only such names are ever removed or renamed back, and only by the next writer of
+the same target, never by a reader. Output paths are resolved first (`.`, `~`, symlinks), so a symlinked
+output folder keeps pointing at the new folder.
 
 An adapter's config and weights live in one folder that is swapped as a whole, and the weights file
 records the sha256 of the config bytes it was saved with (`spp_config_sha256` in the safetensors
 metadata); `read_adapter_files` refuses a pair from two different saves (a folder written in place,
-like a Trainer checkpoint, could otherwise mix them).
-
-Modes are set with explicit `chmod` (0644 files, 0755 folders) instead of reading the umask, because
-`os.umask` is process-wide and racy with other threads. One writer per target at a time is assumed.
+like a Trainer checkpoint, could otherwise mix them). One writer per target at a time is assumed.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import stat
 import sys
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from fnmatch import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +61,16 @@ README_NAME = "README.md"
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, README_NAME)
 CONFIG_HASH_KEY = "spp_config_sha256"
 SPARSITY_FORMAT_VERSION = 1
-FILE_MODE = 0o644
-DIR_MODE = 0o755
 MODEL_KINDS = ("pruned-base", "spp-merged", "merged")
+_KIND_FAMILIES = {"pruned-base": "pruned-base", "spp-merged": "merged", "merged": "merged"}
+# What a transformers checkpoint (model and tokenizer) and spp-hf write into a model folder: an earlier save's
+# copies are replaced (a stale weight shard must not survive); every other entry is the user's and stays.
+MODEL_FOLDER_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
+    "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "chat_template.*", SPARSITY_NAME, README_NAME,
+)  # fmt: skip
+_OWN_MARK = ".spp-hf-"
 
 
 # --------------------------------------------------------------------------- fsync / rename primitives
@@ -112,89 +131,176 @@ def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
-def _aside(path: Path) -> Path:
-    return path.parent / f".{path.name}.old"
+# --------------------------------------------------------------------------- spp-hf's own temporary names
+def _own_sibling(path: Path, what: str) -> Path:
+    """A fresh name beside `path` that marks a temporary entry as spp-hf's: `.<name>.spp-hf-<what>-<random>`."""
+    return path.parent / f".{path.name}{_OWN_MARK}{what}-{secrets.token_hex(6)}"
 
 
-def recover_dir(path: str | os.PathLike) -> Path:
-    """Finish or undo a folder replacement that a crash interrupted; returns `path`.
+def _own_siblings(path: Path, what: str) -> list[Path]:
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}{_OWN_MARK}{what}-*"))
 
-    Only the rename-aside path can be interrupted between its steps: if `path` is missing and its
-    aside `.<name>.old` exists, the aside (the complete old folder) is renamed back. If both exist,
-    the new folder is in place and the aside is removed.
-    """
-    path = Path(path)
-    aside = _aside(path)
-    if aside.is_dir():
-        if path.exists():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
+
+def resolve_target(path: str | os.PathLike) -> Path:
+    """The real path a write to `path` replaces: `~`, `.`, `..` and symlinks resolved, so `save_pretrained(".")`
+    works and an output folder that is a symlink (`out -> /scratch/x`) stays a link to the new folder."""
+    return Path(os.path.realpath(os.path.expanduser(path)))
+
+
+def check_writable_target(path: str | os.PathLike) -> Path:
+    """`resolve_target(path)`, refused with the fix if it exists and is not a folder."""
+    target = resolve_target(path)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{path} exists and is not a folder; remove it or choose another output folder.")
+    return target
+
+
+def _clean_leftovers(path: Path) -> None:
+    """Remove what a killed writer of `path` left (only names spp-hf marked as its own); writers call it, never
+    readers. A set-aside old folder is renamed back when `path` itself is missing (a kill between the two
+    renames of the rename-aside path), else removed."""
+    for staging in _own_siblings(path, "staging"):
+        shutil.rmtree(staging, ignore_errors=True)
+    for aside in _own_siblings(path, "old"):
+        if not os.path.lexists(path):
             os.rename(aside, path)
             fsync_dir(path.parent)
-    return path
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
+def readable_folder(path: str | os.PathLike) -> Path:
+    """`path`, or, while a killed rename-aside swap left it missing, the complete old folder spp-hf set aside
+    (only read here; the next writer puts it back)."""
+    target = resolve_target(path)
+    if not target.exists():
+        asides = _own_siblings(target, "old")
+        if len(asides) == 1:
+            return asides[0]
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- folder swap
 def _replace_dir(staging: Path, path: Path) -> None:
     """Put the complete folder `staging` at `path` (see the module docstring for the steps)."""
+    cwd = _cwd_inside(path)
     if not path.exists():
         os.rename(staging, path)
         fsync_dir(path.parent)
         return
-    if not path.is_dir() or path.is_symlink():
-        raise NotADirectoryError(f"{path} exists and is not a folder; remove it or choose another output folder.")
     if exchange(staging, path):
         fsync_dir(path.parent)
+        _chdir_back(path, cwd)
         shutil.rmtree(staging, ignore_errors=True)
         return
-    aside = _aside(path)
+    aside = _own_sibling(path, "old")
     os.rename(path, aside)
     fsync_dir(path.parent)
     os.rename(staging, path)
     fsync_dir(path.parent)
+    _chdir_back(path, cwd)
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _link_missing(old: Path, new: Path) -> None:
-    """Hard-link (copy where links fail) every entry of `old` that `new` lacks, so a swap keeps them.
+def _cwd_inside(path: Path) -> Path | None:
+    """The working directory relative to `path` when it lies inside it (a swap moves the folder under it)."""
+    try:
+        return Path(os.getcwd()).relative_to(path)
+    except (ValueError, OSError):
+        return None
 
-    The adapter files themselves are never carried over: a save that writes no card must not keep
-    the card of the adapter it replaces.
-    """
+
+def _chdir_back(path: Path, relative: Path | None) -> None:
+    if relative is not None:
+        target = path / relative
+        os.chdir(target if target.is_dir() else path)
+
+
+def _carry_over(old: Path, new: Path, owned: Callable[[Path], bool]) -> None:
+    """Hard-link (copy where links fail) into `new` every entry of `old` that `new` lacks and `owned` does not
+    claim, hidden ones (`.git`, `.env`) included, keeping modes and symlinks: the user's files survive the swap."""
     for entry in old.iterdir():
         target = new / entry.name
-        if target.exists() or target.is_symlink() or entry.name.startswith(".") or entry.name in ADAPTER_FILES:
+        if target.is_dir() and not target.is_symlink() and entry.is_dir() and not entry.is_symlink():
+            _carry_over(entry, target, owned)  # a sub-folder the new save writes keeps the user's files in it
+            continue
+        if os.path.lexists(target) or owned(entry):
             continue
         if entry.is_symlink():
             os.symlink(os.readlink(entry), target)
         elif entry.is_dir():
+            _refuse_mounts(entry)
             shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
         else:
             _link_or_copy(entry, target)
 
 
+def _refuse_mounts(folder: Path) -> None:
+    for root, dirs, _ in os.walk(folder):
+        if any(os.path.ismount(os.path.join(root, d)) for d in [".", *dirs]):
+            raise OSError(
+                f"{root} inside the output folder is a mount point; spp-hf replaces its output folder as a whole and "
+                "will not move a mounted file system. Save into another folder."
+            )
+
+
 def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     try:
-        os.link(src, dst)
+        os.link(src, dst, follow_symlinks=False)
     except OSError:
-        shutil.copy2(src, dst)
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _new_staging(path: Path) -> Path:
+    """An empty staging folder beside `path`: mode from the umask (plain mkdir) for a new folder, else the old
+    folder's mode and group, set before anything is written so a setgid folder's group reaches its files."""
+    staging = _own_sibling(path, "staging")
+    os.mkdir(staging)
+    if path.is_dir():
+        old = path.stat()
+        with suppress(PermissionError):
+            os.chown(staging, -1, old.st_gid)
+        os.chmod(staging, stat.S_IMODE(old.st_mode) | stat.S_IRWXU)
+    return staging
+
+
+def _keep_modes(old: Path, new: Path) -> None:
+    """Files the new folder replaces keep the old ones' modes, and the folder its own (as an in-place save would)."""
+    for entry in new.iterdir():
+        previous = old / entry.name
+        if entry.is_file() and not entry.is_symlink() and previous.is_file() and not previous.is_symlink():
+            os.chmod(entry, stat.S_IMODE(previous.stat().st_mode))
+    os.chmod(new, stat.S_IMODE(old.stat().st_mode))
+
+
+def _never_owned(entry: Path) -> bool:
+    return False
+
 
 
 # --------------------------------------------------------------------------- files
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; when the block succeeds it is fsync'ed and renamed onto `path`."""
+    """Yield a temp path beside `path`; when the block succeeds it is fsync'ed and renamed onto `path`.
+
+    The temp file is created like any new file (the umask decides its mode); a replaced file keeps its mode.
+    A killed writer's temp file for the same `path` is removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    for leftover in _own_siblings(path, "tmp"):
+        leftover.unlink(missing_ok=True)
+    tmp = _own_sibling(path, "tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    new_file_mode = stat.S_IMODE(tmp.stat().st_mode)  # writers that replace the file (safetensors) may change it
     try:
-        yield Path(tmp)
-        os.chmod(tmp, FILE_MODE)
+        yield tmp
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else new_file_mode)
         _fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -231,25 +337,22 @@ def atomic_save_safetensors(
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, owned: Callable[[Path], bool] = _never_owned) -> Iterator[Path]:
     """Yield an empty staging folder beside `path`; when the block succeeds it replaces `path` atomically.
 
-    With `keep_existing`, entries of the old folder that the new one does not write (another adapter's
-    sub-folder, a Trainer's checkpoints) are hard-linked into the new folder before the swap. On error
-    the staging folder is removed and `path` is untouched.
+    Entries of an existing `path` that the block did not write are carried over unless `owned` claims them
+    (an earlier save's stale files): spp-hf replaces only its own files. The folder keeps its mode. On error
+    the staging folder is removed and `path` is untouched; a killed writer's leftovers go with the next write.
     """
-    path = Path(path)
+    path = check_writable_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(path)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
+    _clean_leftovers(path)
+    staging = _new_staging(path)
     try:
         yield staging
-        if keep_existing and path.is_dir():
-            _link_missing(path, staging)
-        for folder, dirs, _ in os.walk(staging):
-            for name in dirs:
-                os.chmod(os.path.join(folder, name), DIR_MODE)
-        os.chmod(staging, DIR_MODE)
+        if path.is_dir():
+            _carry_over(path, staging, owned)
+            _keep_modes(path, staging)
         fsync_tree(staging)
         _replace_dir(staging, path)
     except BaseException:
@@ -290,6 +393,20 @@ def _write_adapter_into(folder: Path, files: AdapterFiles, metadata: Mapping[str
         atomic_write_text(folder / README_NAME, files.card)
 
 
+def _adapter_owned(entry: Path) -> bool:
+    """An earlier adapter's files: its config, weights, and a README.md that is an spp-hf card."""
+    return entry.name in (CONFIG_NAME, WEIGHTS_NAME) or (entry.name == README_NAME and is_spp_card(entry))
+
+
+def is_spp_card(path: Path) -> bool:
+    """Whether a README.md is an adapter card spp-hf rendered (its front matter says `library_name: spp-hf`)."""
+    if not path.is_file() or path.is_symlink():
+        return False
+    head = path.read_bytes()[:4096].decode("utf-8", errors="replace")
+    front = head.split("\n---", 1)[0] if head.startswith("---") else ""
+    return "library_name: spp-hf" in front
+
+
 def _check_subfolder(name: str) -> None:
     if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
         raise ValueError(
@@ -304,12 +421,14 @@ def write_adapters(
 ) -> Path:
     """Write several adapters in one atomic folder replacement: key "" is the folder itself, others sub-folders.
 
-    Files the new save does not write (other sub-folders, unrelated files) are kept.
+    Entries the new save does not write (other sub-folders, a Trainer's checkpoints, `.git`, user files) are
+    kept; an earlier adapter's files are not, nor its README.md when spp-hf wrote it (a save without a card
+    must not keep the card of the adapter it replaces).
     """
     for name in adapters:
         if name:
             _check_subfolder(name)
-    with atomic_dir(directory, keep_existing=True) as staging:
+    with atomic_dir(directory, owned=_adapter_owned) as staging:
         for name, files in adapters.items():
             _write_adapter_into(staging / name if name else staging, files, metadata)
     return Path(directory)
@@ -348,7 +467,7 @@ def read_adapter_files(directory: str | os.PathLike) -> tuple[dict[str, Any], di
     Raises FileNotFoundError / ValueError that name the file and the fix for a missing, corrupt or
     mismatched file.
     """
-    directory = recover_dir(directory)
+    directory = readable_folder(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not config_path.is_file():
         raise FileNotFoundError(
@@ -396,8 +515,9 @@ def _parse_json(path: Path, data: bytes, fix: str) -> Any:
 def read_sparsity_json(path: str | os.PathLike) -> dict | None:
     """The contents of a sparsity.json (a file, or a model folder holding one), or None if there is none."""
     path = Path(path)
-    if path.is_dir():
-        path = recover_dir(path) / SPARSITY_NAME
+    folder = readable_folder(path)
+    if path.is_dir() or folder != path:
+        path = folder / SPARSITY_NAME
     if not path.is_file():
         return None
     data = _parse_json(path, path.read_bytes(), "re-save or re-download the model")
@@ -466,14 +586,46 @@ def write_model_folder(
     """Write a full model folder (checkpoint, tokenizer, sparsity.json, README.md) as one atomic folder swap.
 
     Used for pruned bases and merged models; `sparsity` is usually `model_sparsity_record(...)`. Files
-    of an earlier save (stale weight shards) do not survive: the folder is replaced as a whole.
+    of an earlier save (stale weight shards, `MODEL_FOLDER_FILES`) do not survive; the user's entries do.
+    `directory` must pass `check_model_folder_target` (callers check it before the expensive work too).
     """
     if "mask_fingerprint" not in sparsity:
         raise ValueError("sparsity must hold a 'mask_fingerprint'; build it with artifacts.model_sparsity_record.")
-    with atomic_dir(directory) as staging:
+    check_model_folder_target(directory, sparsity["kind"])
+    with atomic_dir(directory, owned=_model_file) as staging:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         atomic_write_bytes(staging / SPARSITY_NAME, json_bytes(sparsity))
         atomic_write_text(staging / README_NAME, card_text)
     return Path(directory)
+
+
+def _model_file(entry: Path) -> bool:
+    """An earlier save's checkpoint, tokenizer, sparsity.json or card file."""
+    return not entry.is_dir() and any(fnmatch(entry.name, p) for p in MODEL_FOLDER_FILES)
+
+
+def check_model_folder_target(directory: str | os.PathLike, kind: str) -> Path:
+    """The resolved output folder for a `kind` model, refused unless spp-hf may write there.
+
+    Allowed: a missing folder, one with only hidden entries (a fresh clone of a Hub repo), or an earlier spp-hf
+    model folder of the same kind (a pruned base, or a merged model). Call it before the expensive work.
+    """
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
+    target = check_writable_target(directory)
+    if not target.is_dir() or not any(not e.name.startswith(".") for e in target.iterdir()):
+        return target
+    try:
+        found = (read_sparsity_json(target) or {}).get("kind")
+    except ValueError:
+        found = None
+    if _KIND_FAMILIES.get(found) == _KIND_FAMILIES[kind]:
+        return target
+    what = f"an spp-hf {found} folder" if found in MODEL_KINDS else "not a model folder spp-hf wrote"
+    raise FileExistsError(
+        f"{directory} is not empty and is {what}; spp-hf writes a {kind} model only into a new or empty folder or "
+        f"over an earlier one of the same kind, and never deletes files it did not write. Pass another output "
+        "folder (e.g. a new sub-folder), or empty this one."
+    )

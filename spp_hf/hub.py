@@ -36,6 +36,7 @@ from .artifacts import (
     SPARSITY_NAME,
     WEIGHTS_NAME,
     atomic_write_bytes,
+    check_model_folder_target,
     json_bytes,
     model_sparsity_record,
     read_adapter_files,
@@ -566,7 +567,7 @@ def merge_to_folder(
     """Merge an adapter into its pruned base and save a plain transformers checkpoint that keeps the base's zeros.
 
     Writes the model, its tokenizer (when the base has one), `sparsity.json` (report, fingerprint,
-    provenance) and a merged-model card into `out` (which must not exist or be empty) with
+    provenance) and a merged-model card into `out` (new, empty, or an earlier merged model) with
     `artifacts.write_model_folder`. Refuses to write if a merged layer's zero mask differs from the
     adapter's recorded base fingerprint. Optionally pushes the folder to `push_to_hub`.
     """
@@ -574,13 +575,12 @@ def merge_to_folder(
     from .config import AdapterConfig
     from .loading import SPPModel, resolve_adapter
 
+    check_model_folder_target(out, "merged")  # before any download or merge
     out = Path(out)
     if isinstance(torch_dtype, str) and torch_dtype != "auto":
         import torch
 
         torch_dtype = getattr(torch, torch_dtype)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists and is not empty; pass another --out or remove it.")
     directory = resolve_adapter(adapter, revision=revision, token=token)
     config = AdapterConfig.from_json_file(directory / CONFIG_NAME)
     base_name = base_model or config.base_model_name_or_path

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .config import DEFAULT_TARGETS
-from .artifacts import atomic_write_text
+from .artifacts import atomic_write_text, check_model_folder_target
 from .methods import Prepared, get_method, linear_zeros, load_plain
 
 logger = logging.getLogger(__name__)
@@ -367,6 +367,7 @@ def stage_prune(cfg: PipelineConfig) -> Path:
     out = cfg.run_dir / "pruned"
     if _done(out / "sparsity.json", f"prune {cfg.model} with {cfg.prune.method} {cfg.prune.sparsity}"):
         return out
+    check_model_folder_target(out, "pruned-base")  # before any loading or pruning
     model, tokenizer = load_plain(_resolve_model(cfg.model))
     p = cfg.prune
     report = prune(
@@ -397,6 +398,7 @@ def stage_method(cfg: PipelineConfig, pruned: Path, variant: Variant) -> Path:
     merged, train_dir = out / "merged", out / "train"
     if _done(merged / "config.json", f"{variant.name}: {method.label}, seed {variant.seed} ({vcfg.train.max_steps} steps)"):
         return merged
+    check_model_folder_target(merged, "merged")  # before any training
     base, tokenizer = load_plain(pruned)
     zeros = linear_zeros(base)
     reference = linear_fingerprint(base)  # every linear layer's mask, the bit-for-bit reference of the merged model

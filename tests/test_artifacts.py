@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from spp_hf.artifacts import (
     model_sparsity_record,
     read_adapter_files,
     read_sparsity_json,
-    recover_dir,
+    readable_folder,
     write_adapter_folder,
     write_adapters,
     write_model_folder,
@@ -32,15 +33,99 @@ def mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-def test_normal_permissions_without_touching_the_umask(tmp_path, monkeypatch):
+SPP_CARD = "---\nlibrary_name: spp-hf\ntags:\n- spp-adapter\n---\n# an adapter card\n"
+
+
+def plain_modes(tmp_path) -> tuple[int, int]:
+    """The modes a plain mkdir / new file get here (what the umask gives): the reference for new artifacts."""
+    os.mkdir(tmp_path / "ref-dir")
+    (tmp_path / "ref-file").write_text("x")
+    modes = mode(tmp_path / "ref-dir"), mode(tmp_path / "ref-file")
+    os.rmdir(tmp_path / "ref-dir")
+    os.unlink(tmp_path / "ref-file")
+    return modes
+
+
+def test_new_artifacts_get_the_umask_modes_without_touching_the_umask(tmp_path, monkeypatch):
+    dir_mode, file_mode = plain_modes(tmp_path)
     calls = []
-    monkeypatch.setattr(os, "umask", lambda *a: calls.append(a) or 0o022)
+    real_umask = os.umask
+    monkeypatch.setattr(os, "umask", lambda *a: calls.append(a) or real_umask(*a))
     folder = write_adapter_folder(tmp_path / "a", {"r": 1}, {"w": torch.ones(2)}, "card")
     assert calls == []  # os.umask is process-wide: reading it races with other threads
-    assert mode(folder) == 0o755
-    assert {mode(folder / n) for n in (CONFIG_NAME, WEIGHTS_NAME, "README.md")} == {0o644}
+    assert mode(folder) == dir_mode
+    assert {mode(folder / n) for n in (CONFIG_NAME, WEIGHTS_NAME, "README.md")} == {file_mode}
     artifacts.write_json(tmp_path / "x.json", {"a": 1})
-    assert mode(tmp_path / "x.json") == 0o644
+    assert mode(tmp_path / "x.json") == file_mode
+
+
+@pytest.mark.parametrize("folder_mode", [0o700, 0o2775, 0o750])
+def test_saving_into_a_folder_keeps_its_mode_and_its_files_modes(tmp_path, folder_mode):
+    """Review item 8: swaps forced 0755/0644, making a private folder world-readable."""
+    folder = write_adapter_folder(tmp_path / "a", {"r": 1}, {"w": torch.ones(2)}, SPP_CARD)
+    os.chmod(folder, folder_mode)
+    os.chmod(folder / CONFIG_NAME, 0o600)
+    write_adapter_folder(folder, {"r": 2}, {"w": torch.ones(2)}, SPP_CARD)
+    assert mode(folder) == folder_mode and mode(folder / CONFIG_NAME) == 0o600
+    artifacts.write_json(tmp_path / "x.json", {"a": 1})
+    os.chmod(tmp_path / "x.json", 0o640)
+    artifacts.write_json(tmp_path / "x.json", {"a": 2})
+    assert mode(tmp_path / "x.json") == 0o640
+
+
+def test_saving_into_a_clone_keeps_hidden_entries_and_user_files(tmp_path):
+    """Review item 1: the swap carried the old folder's entries over but skipped every name starting with '.'."""
+    folder = tmp_path / "clone"
+    (folder / ".git" / "objects").mkdir(parents=True)
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (folder / ".git" / "objects" / "ab").write_bytes(b"blob")
+    (folder / ".cache" / "huggingface").mkdir(parents=True)
+    (folder / ".cache" / "huggingface" / "upload.lock").write_text("l")
+    (folder / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (folder / ".env").write_text("HF_TOKEN=secret\n")
+    (folder / "notes.md").write_text("mine")
+    os.symlink("notes.md", folder / "link")
+    for card in (SPP_CARD, None):
+        write_adapter_folder(folder, {"r": 1}, {"w": torch.ones(2)}, card)
+        assert (folder / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+        assert (folder / ".git" / "objects" / "ab").read_bytes() == b"blob"
+        assert (folder / ".cache" / "huggingface" / "upload.lock").read_text() == "l"
+        assert (folder / ".gitattributes").is_file() and (folder / ".env").read_text() == "HF_TOKEN=secret\n"
+        assert (folder / "notes.md").read_text() == "mine" and os.readlink(folder / "link") == "notes.md"
+    assert not (folder / "README.md").exists()  # spp-hf's own card of the replaced adapter went with it
+
+
+def test_a_user_readme_is_kept_when_the_save_writes_no_card(tmp_path):
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "README.md").write_text("# my project\n")
+    write_adapter_folder(folder, {"r": 1}, {"w": torch.ones(2)})
+    assert (folder / "README.md").read_text() == "# my project\n"
+
+
+def test_a_symlinked_output_folder_stays_a_link_to_the_new_folder(tmp_path):
+    """Review item 10: `out -> /scratch/x` was refused as 'exists and is not a folder'."""
+    real = tmp_path / "scratch" / "x"
+    real.mkdir(parents=True)
+    (real / "keep.txt").write_text("k")
+    os.symlink(real, tmp_path / "out")
+    for r in (1, 2):
+        write_adapter_folder(tmp_path / "out", {"r": r}, {"w": torch.ones(2)})
+        assert (tmp_path / "out").is_symlink() and read_adapter_files(tmp_path / "out")[0] == {"r": r}
+        assert (real / "keep.txt").read_text() == "k" and read_adapter_files(real)[0] == {"r": r}
+
+
+def test_saving_into_the_working_directory(tmp_path, monkeypatch):
+    """Review item 11: save_pretrained(".") failed with a raw OSError [Errno 16]."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "data.txt").write_text("d")
+    monkeypatch.chdir(folder)
+    for r in (1, 2):
+        write_adapter_folder(".", {"r": r}, {"w": torch.ones(2)})
+        assert read_adapter_files(".")[0] == {"r": r}
+        assert Path("data.txt").read_text() == "d"  # the working directory is the new folder, not a deleted one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
 
 
 def test_adapter_round_trip_and_kept_entries(tmp_path):
@@ -48,7 +133,7 @@ def test_adapter_round_trip_and_kept_entries(tmp_path):
     (folder / "checkpoint-2").mkdir(parents=True)
     (folder / "checkpoint-2" / "optimizer.pt").write_text("opt")
     tensors = {"x": torch.arange(6.0).reshape(2, 3)}
-    write_adapters(folder, {"": artifacts.AdapterFiles({"r": 2}, tensors, "root", {"spp_adapter": "a"}),
+    write_adapters(folder, {"": artifacts.AdapterFiles({"r": 2}, tensors, SPP_CARD, {"spp_adapter": "a"}),
                             "b": artifacts.AdapterFiles({"r": 3}, tensors)})  # fmt: skip
     from safetensors import safe_open
 
@@ -85,13 +170,49 @@ def test_read_errors_name_the_file_and_fix(tmp_path):
         read_adapter_files(tmp_path)
 
 
-def test_recover_dir_puts_an_interrupted_replacement_back(tmp_path):
+def test_readers_never_touch_a_users_dot_old_folder(tmp_path):
+    """Review item 7: every reader deleted a sibling `.<name>.old` (or renamed it into place): the user's backup."""
+    backup = write_adapter_folder(tmp_path / ".a.old", {"r": 0}, {"w": torch.zeros(2)})
+    write_adapter_folder(tmp_path / "a", {"r": 1}, {"w": torch.ones(2)})
+    read_adapter_files(tmp_path / "a")
+    read_sparsity_json(tmp_path / "a")
+    write_adapter_folder(tmp_path / "a", {"r": 2}, {"w": torch.ones(2)})
+    assert read_adapter_files(backup)[0] == {"r": 0}
+    (tmp_path / "b").mkdir()
+    write_adapter_folder(tmp_path / ".b.old", {"r": 0}, {"w": torch.zeros(2)})
+    import shutil
+
+    shutil.rmtree(tmp_path / "b")  # `b` missing: the old code renamed the user's `.b.old` into its place
+    with pytest.raises(FileNotFoundError):
+        read_adapter_files(tmp_path / "b")
+    assert read_adapter_files(tmp_path / ".b.old")[0] == {"r": 0} and not (tmp_path / "b").exists()
+
+
+def test_an_interrupted_rename_aside_is_read_in_place_and_put_back_by_the_next_writer(tmp_path):
     old = write_adapter_folder(tmp_path / "a", {"r": 1}, {"w": torch.ones(2)})
-    os.rename(old, tmp_path / ".a.old")  # a kill between the two renames of the rename-aside path
+    aside = tmp_path / ".a.spp-hf-old-0123456789ab"
+    os.rename(old, aside)  # what a kill between the two renames of the rename-aside path leaves
     assert read_adapter_files(tmp_path / "a")[0] == {"r": 1}
-    (tmp_path / ".a.old").mkdir()  # both present: the swap completed, the aside is garbage
-    recover_dir(tmp_path / "a")
-    assert not (tmp_path / ".a.old").exists()
+    assert aside.is_dir() and not (tmp_path / "a").exists()  # the reader moved nothing
+    write_adapter_folder(tmp_path / "a", {"r": 2}, {"w": torch.ones(2)})
+    assert read_adapter_files(tmp_path / "a")[0] == {"r": 2} and not aside.exists()
+
+
+def test_a_killed_writers_staging_folder_is_removed_by_the_next_writer(tmp_path):
+    """Review item 12: `.<name>.staging-*` (a whole model copy for merged models) stayed forever."""
+    write_adapter_folder(tmp_path / "a", {"r": 1}, {"w": torch.ones(2)})
+    pid = os.fork()
+    if pid == 0:  # a writer killed after it filled its staging folder
+        try:
+            with atomic_dir(tmp_path / "a") as staging:
+                (staging / "big.bin").write_bytes(b"x" * 1000)
+                os.kill(os.getpid(), 9)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert len(list(tmp_path.iterdir())) == 2
+    write_adapter_folder(tmp_path / "a", {"r": 2}, {"w": torch.ones(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
 def test_failed_block_leaves_the_old_folder(tmp_path):

@@ -37,7 +37,7 @@ def version(n: int) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def which_adapter(folder: Path, versions: list[int]) -> int | None:
     """The version a complete adapter folder holds; None if there is no folder; fails on anything else."""
-    if not folder.exists() and not (folder.parent / f".{folder.name}.old").exists():
+    if not artifacts.readable_folder(folder).exists():
         return None
     config, tensors = read_adapter_files(folder)
     for n in versions:
@@ -84,32 +84,60 @@ def run_child(work, n: int, exchange: bool) -> bool:
     return True
 
 
+def add_user_content(folder: Path) -> None:
+    """What a user keeps in a folder spp-hf saves into: a git clone's history, a dot-file, notes, a mode."""
+    (folder / ".git" / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (folder / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (folder / "notes.md").write_text("mine")
+    os.chmod(folder, 0o750)
+
+
+def assert_user_content(folder: Path, n: int) -> None:
+    folder = artifacts.readable_folder(folder)
+    assert (folder / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n", f"killed at step {n}: .git lost"
+    assert (folder / ".gitattributes").is_file() and (folder / "notes.md").read_text() == "mine", f"step {n}"
+    assert oct(os.stat(folder).st_mode)[-3:] == "750", f"killed at step {n}: the folder's mode changed"
+
+
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "rename-aside"])
-@pytest.mark.parametrize("existing", [True, False], ids=["replace", "create"])
+@pytest.mark.parametrize("existing", ["replace", "create", "user-folder", "symlinked-user-folder"])
 def test_adapter_save_killed_at_every_step(tmp_path, exchange, existing):
-    folder = tmp_path / "adapter"
+    """Every kill leaves the old or the new adapter, and a user's folder keeps its content and mode throughout."""
+    import shutil
+
+    real = tmp_path / "real" / "adapter"
+    folder = tmp_path / "adapter" if existing != "symlinked-user-folder" else tmp_path / "link"
+    if existing == "symlinked-user-folder":
+        real.parent.mkdir()
+        os.symlink(real, folder)
+    user = existing in ("user-folder", "symlinked-user-folder")
     if exchange and not artifacts.exchange(tmp_path, tmp_path):
         pytest.skip("this file system cannot exchange")
     seen = set()
     for n in range(1, 200):
-        if folder.exists():
-            import shutil
-
-            shutil.rmtree(folder)
-        if existing:
+        for path in (tmp_path / "adapter", real):
+            if path.exists() and not path.is_symlink():
+                shutil.rmtree(path)
+        if existing != "create":
             write_adapter_folder(folder, *version(1), "card 1")
+        if user:
+            add_user_content(artifacts.resolve_target(folder))
         finished = run_child(lambda: write_adapter_folder(folder, *version(2), "card 2"), n, exchange)
         found = which_adapter(folder, [1, 2])
+        if user:
+            assert_user_content(folder, n)
+            assert folder.is_symlink() == (existing == "symlinked-user-folder")
         seen.add(found)
-        assert found == 2 if finished else found in ({1, 2} if existing else {None, 2})
-        if existing:
+        assert found == 2 if finished else found in ({1, 2} if existing != "create" else {None, 2})
+        if existing != "create":
             assert found is not None, f"killed at step {n}: neither the old nor the new adapter"
         if finished:
             break
     else:
         pytest.fail("the save never finished")
     assert n > 5, "too few steps observed: the instrumentation is not reaching the writer"
-    assert seen == ({1, 2} if existing else {None, 2}), seen  # both outcomes occurred: the kills hit real windows
+    assert seen == ({1, 2} if existing != "create" else {None, 2}), seen  # both outcomes occurred: the kills hit real windows
 
 
 def test_model_folder_save_killed_at_every_step(tmp_path):
@@ -117,9 +145,11 @@ def test_model_folder_save_killed_at_every_step(tmp_path):
     models = [make_tiny_model("llama", seed=s) for s in (0, 1)]
     records = [artifacts.model_sparsity_record(m, "merged") for m in models]
     write_model_folder(models[0], None, folder, "card 0", records[0])
+    add_user_content(folder)
     seen = set()
     for n in range(1, 400):
         finished = run_child(lambda: write_model_folder(models[1], None, folder, "card 1", records[1]), n, True)
+        assert_user_content(folder, n)
         assert read_sparsity_json(folder)["kind"] == "merged"
         index = int((folder / "README.md").read_text().split()[-1])
         loaded = AutoModelForCausalLM.from_pretrained(folder)

@@ -557,13 +557,66 @@ def test_cli_bad_sparsity_exits_with_message(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_prune_refuses_a_users_folder_before_loading_anything(tiny_checkpoint, tmp_path, monkeypatch):
+    """Review item 3: `--out ~/models` replaced the whole folder, deleting everything in it."""
+    from transformers import AutoModelForCausalLM
+
+    from spp_hf.cli import main
+
+    models = tmp_path / "models"
+    (models / "llama").mkdir(parents=True)
+    (models / "llama" / "weights.bin").write_bytes(b"w")
+    (models / "todo.txt").write_text("t")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
+    with pytest.raises(SystemExit, match=r"not empty.*never deletes files it did not write"):
+        main(["prune", "--model", str(tiny_checkpoint), "--method", "magnitude", "--sparsity", "2:4", "--out", str(models)])
+    assert (models / "llama" / "weights.bin").read_bytes() == b"w" and (models / "todo.txt").read_text() == "t"
+
+
+def test_save_pruned_refuses_a_users_folder_and_a_merged_model(tmp_path):
+    model = make_tiny_model("llama")
+    report = prune(model, "magnitude", 0.5, progress=False)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "data.csv").write_text("a,b")
+    with pytest.raises(FileExistsError, match="not a model folder spp-hf wrote"):
+        save_pruned(model, None, user, report)
+    assert sorted(p.name for p in user.iterdir()) == ["data.csv"]
+    from spp_hf.artifacts import model_sparsity_record, write_model_folder
+
+    merged = write_model_folder(model, None, tmp_path / "merged", "card", model_sparsity_record(model, "merged"))
+    with pytest.raises(FileExistsError, match="an spp-hf merged folder"):
+        save_pruned(model, None, merged, report)
+
+
+def test_cli_prune_into_a_fresh_clone_and_through_a_symlink(tiny_checkpoint, tmp_path):
+    """Review item 10: a symlinked output folder was refused, after the pruning. A clone's `.git` stays."""
+    from spp_hf.cli import main
+
+    real = tmp_path / "scratch" / "pruned"
+    (real / ".git").mkdir(parents=True)
+    (real / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    os.symlink(real, tmp_path / "out")
+    argv = ["prune", "--model", str(tiny_checkpoint), "--method", "magnitude", "--sparsity", "2:4", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert (tmp_path / "out").is_symlink() and (real / "sparsity.json").is_file() and (real / ".git").is_dir()
+    assert (real / ".gitattributes").is_file()
+
+
 def test_save_pruned_overwrites_in_place(tmp_path):
     model = make_tiny_model("gpt2")
     report = prune(model, "magnitude", 0.5, progress=False)
     out = save_pruned(model, None, tmp_path / "m", report, perplexity=12.5)
     (out / "model-00001-of-00002.safetensors").write_bytes(b"stale shard")
+    (out / "eval-notes.md").write_text("mine")
+    (out / ".git").mkdir()
     save_pruned(model, None, out, report, perplexity=11.0, perplexity_dataset="wikitext")
-    assert not (out / "model-00001-of-00002.safetensors").exists()
+    assert not (out / "model-00001-of-00002.safetensors").exists()  # an earlier save's file
+    assert (out / "eval-notes.md").read_text() == "mine" and (out / ".git").is_dir()  # the user's entries stay
     record = json.loads((out / "sparsity.json").read_text())
     assert record["perplexity"] == 11.0 and record["pattern"] is None and record["ratio"] == 0.5
     assert record["perplexity_dataset"] == "wikitext" and record["calibration"] is None and record["kind"] == "pruned-base"

@@ -32,7 +32,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
     merge = subparsers.add_parser("merge", help="merge an SPP adapter into its pruned base (zeros kept) and save it")
     merge.add_argument("adapter", help="adapter folder or Hub repo id")
-    merge.add_argument("--out", required=True, help="folder for the merged model (must not exist or be empty)")
+    merge.add_argument("--out", required=True, help="folder for the merged model: new, empty, or an earlier merged model")
     merge.add_argument("--base", default=None, help="pruned base to merge into (default: the one the adapter names)")
     merge.add_argument("--base-revision", default=None, help="revision of --base (default: the adapter's pinned one)")
     merge.add_argument("--dtype", default=None, help="torch dtype of the base, e.g. float32, bfloat16 (default: as saved)")

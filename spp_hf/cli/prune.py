@@ -28,7 +28,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--dtype", default="float32", help="dtype to load the model in (default float32)")
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening as a fraction of the mean Hessian diagonal")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier pruned base (other files in it are kept)")
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="also upload the folder to this Hub repo")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     p.add_argument("--revision", default=None, help="model revision to load")
@@ -39,11 +39,13 @@ def run_prune(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..artifacts import check_model_folder_target
     from ..pruning import parse_sparsity, prune, save_pruned
 
-    try:
-        parse_sparsity(args.sparsity)  # fail on a bad spec before loading anything
-    except ValueError as err:
+    try:  # fail on a bad spec or an output folder spp-hf may not write before loading anything
+        parse_sparsity(args.sparsity)
+        check_model_folder_target(args.out, "pruned-base")
+    except (ValueError, OSError) as err:
         raise SystemExit(f"spp-hf prune: {err}") from None
     dtype = getattr(torch, args.dtype, None)
     if not isinstance(dtype, torch.dtype):

@@ -38,8 +38,9 @@ def save_pruned(
     """Write the pruned model, its tokenizer, sparsity.json and README.md to `out_dir`; returns the folder.
 
     `perplexity` (measured after pruning) goes into sparsity.json and the card; `perplexity_dataset`
-    names what it was measured on (e.g. "wikitext") for the card's metadata. An existing `out_dir` is
-    replaced as a whole (no stale weight shards of an earlier save survive).
+    names what it was measured on (e.g. "wikitext") for the card's metadata. `out_dir` must be new, empty
+    or an earlier pruned base (`artifacts.check_model_folder_target`); an earlier save's files (stale weight
+    shards) do not survive, the user's other files do.
     """
     record = sparsity_record(model, report, perplexity)
     if perplexity_dataset:
