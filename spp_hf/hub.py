@@ -49,6 +49,8 @@ from .artifacts import (
 _REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][\w\-.]*/)?[A-Za-z0-9][\w\-.]{0,95}$")
 # Small files that tell what else a repo holds when it is not an SPP adapter.
 KIND_HINT_FILES = ("adapter_config.json", "config.json", SPARSITY_NAME)
+# Hidden entries of a folder a user saves into (a clone's `.git`, `.env`) are theirs, never uploaded.
+HIDDEN_PATTERNS = (".*", "*/.*")
 
 
 class SPPHubError(OSError):
@@ -68,9 +70,12 @@ def push_folder(
     allow_patterns: list[str] | str | None = None,
     ignore_patterns: list[str] | str | None = None,
 ) -> Any:
-    """Upload a folder (pruned base, adapter or merged model) to a Hub repo in one commit.
+    """Upload a folder (pruned base, adapter or merged model) to a Hub repo in one commit that mirrors it.
 
-    Creates the repo (and the `revision` branch) if missing. A README.md that still names the
+    Creates the repo (and the `revision` branch) if missing. The commit deletes the repo's files that the
+    folder lacks (a re-push that went from one weights file to shards must not leave the old weights beside
+    the new sparsity.json), except `.gitattributes`; with `allow_patterns`, only files matching them are
+    mirrored. Hidden entries of the folder (`.git`, `.env`, ...) are never uploaded. A README.md that still names the
     cards' placeholder repo id is uploaded with `repo_id` filled in, and paths of this machine in the
     card and sparsity.json are left out (`_public_view`; the folder itself is not changed).
     Returns the `CommitInfo` (a `str`: the commit url; `.oid` is the commit sha).
@@ -90,9 +95,14 @@ def push_folder(
                 revision=revision,
                 commit_message=commit_message or f"Upload {describe_folder(folder)} with spp-hf",
                 allow_patterns=allow_patterns,
-                ignore_patterns=ignore_patterns,
+                ignore_patterns=[*HIDDEN_PATTERNS, *_as_list(ignore_patterns)],
+                delete_patterns=allow_patterns or "*",
                 create_pr=create_pr,
             )
+
+
+def _as_list(patterns: list[str] | str | None) -> list[str]:
+    return [patterns] if isinstance(patterns, str) else list(patterns or [])
 
 
 def split_revision(name: str) -> tuple[str, str | None]:
@@ -102,12 +112,20 @@ def split_revision(name: str) -> tuple[str, str | None]:
 
 
 def verified_base(
-    base: str, revision: str | None, mask_fingerprint: dict | None, token: str | bool | None = None
+    base: str,
+    revision: str | None,
+    mask_fingerprint: dict | None,
+    token: str | bool | None = None,
+    *,
+    trained_on: bool = False,
 ) -> str:
     """The commit sha of `base` at `revision` (default: main now), after checking it has the adapter's zeros.
 
     The check reads the mask fingerprint that base's `sparsity.json` records at that commit (every
     model folder spp-hf writes has one), so what the Hub now serves is what the adapter was trained on.
+    A base pruned by someone else has no sparsity.json: with `trained_on` (the adapter recorded `revision`
+    as the commit its base was loaded from) that commit is pinned as is; its zeros are checked against the
+    base's weights when the adapter is loaded.
     """
     from .sparsity import zero_mask_differences
 
@@ -121,10 +139,14 @@ def verified_base(
         return sha
     served = sparsity_fingerprint(fetch_sparsity_json(base, sha, token))
     if served is None:
+        if trained_on and revision == sha:
+            return sha
         raise SPPHubError(
-            f"The base {base!r} at {sha[:12]} has no {SPARSITY_NAME} with a mask fingerprint, so the adapter's zeros "
-            "cannot be checked against it. Push the pruned base with spp-hf (spp-hf prune --push-to-hub, spp-hf push "
-            "runs/<name>/pruned ORG/NAME or spp-hf publish), which writes it."
+            f"The base {base!r} at {sha[:12]} has no {SPARSITY_NAME} with a mask fingerprint, and the adapter does not "
+            "record that it was trained on this commit, so its zeros cannot be checked before pushing. Load the base "
+            f"from the Hub at a commit (from_pretrained({base!r}, revision=COMMIT)) and train the adapter there: the "
+            "adapter then records the commit, which is pinned as is and checked against the base's weights when the "
+            "adapter is loaded. (A base pushed by spp-hf has a sparsity.json and needs neither.)"
         )
     problems = zero_mask_differences(mask_fingerprint, served)
     if problems:
@@ -171,7 +193,8 @@ def push_adapter_folder(
                 "or publish the whole run with `spp-hf publish RUN_DIR ORG/NAME`."
             )
         rev = base_rev if base_name else config.get("base_model_revision")
-        sha = verified_base(target, rev, config.get("mask_fingerprint"), token)
+        trained_on = (target, rev) == (recorded, config.get("base_model_revision"))
+        sha = verified_base(target, rev, config.get("mask_fingerprint"), token, trained_on=trained_on)
         card = (folder / name / README_NAME) if name else folder / README_NAME
         adapters[name] = _rekeyed(config, tensors, target, sha, repo_id if not name else None, card)
     with tempfile.TemporaryDirectory(prefix="spp-adapter-push-") as tmp:
@@ -278,6 +301,12 @@ def _cached_commits(name: str) -> set[str]:
     if not commits and (repo / "snapshots").is_dir():
         commits = {p.name for p in (repo / "snapshots").iterdir() if p.is_dir()}
     return commits
+
+
+def is_adapter_folder(folder: str | os.PathLike) -> bool:
+    """Whether a folder holds an adapter saved by spp-hf (any kind: SPP, masked LoRA), itself or as named sub-folders."""
+    folder = Path(folder)
+    return (folder / CONFIG_NAME).is_file() or bool(_named_adapters(folder))
 
 
 def describe_folder(folder: str | os.PathLike) -> str:

@@ -32,7 +32,7 @@ def test_push_base_is_for_adapters_only(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    with pytest.raises(SystemExit, match="--base applies to SPP adapters only"):
+    with pytest.raises(SystemExit, match="--base applies to adapters only"):
         cli_main(["push", str(folder), "user/x", "--base", "user/base"])
 
 

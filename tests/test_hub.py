@@ -358,5 +358,79 @@ def test_cli_merge_push_inspect(hub, tmp_path, monkeypatch, capsys):  # noqa: F8
     assert cli_main(["inspect", str(tampered)]) == 1
     assert "[FAIL] has the base's zeros: model.layers.0.mlp.down_proj: zero mask differs" in capsys.readouterr().out
 
+    user = tmp_path / "user-folder"
+    user.mkdir()
+    (user / "notes.md").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
-        cli_main(["merge", ADAPTER, "--out", str(out)])
+        cli_main(["merge", ADAPTER, "--out", str(user)])
+    assert [p.name for p in user.iterdir()] == ["notes.md"]
+    (out / "notes.md").write_text("mine")
+    assert cli_main(["merge", ADAPTER, "--out", str(out)]) == 0  # over the earlier merged model: allowed
+    assert (out / "notes.md").read_text() == "mine" and (out / "sparsity.json").is_file()
+
+
+# --------------------------------------------------------------------------- review items 2, 4, 16
+def test_cli_push_keys_a_masked_lora_adapter_to_its_hub_base(hub, tmp_path, monkeypatch):  # noqa: F811
+    """Review item 2: `--base` was refused for masked LoRA ("SPP adapters only") and without it the local base
+    path was published unchecked."""
+    from spp_hf import MaskedLoRAConfig
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    base = make_tiny_model("llama")
+    prune_magnitude_nm_(base)
+    local = save_pruned_base(base, tmp_path / "local-base")
+    sha = push_folder(local, BASE, token=TOKEN).oid
+    model = get_spp_model(AutoModelForCausalLM.from_pretrained(local), MaskedLoRAConfig(r=4, target_modules="all-linear"))
+    train_steps(model)
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(SPPHubError, match="not a Hub repo"):  # the local base path is never published
+        cli_main(["push", str(tmp_path / "adapter"), "user/tiny-ml"])
+    assert cli_main(["push", str(tmp_path / "adapter"), "user/tiny-ml", "--base", BASE]) == 0
+    pushed = json.loads(hub.state.repo("user/tiny-ml").resolve("main").files["spp_config.json"])
+    assert (pushed["method"], pushed["base_model_name_or_path"], pushed["base_model_revision"]) == ("masked_lora", BASE, sha)
+    expected = copy.deepcopy(model).merge_and_unload()(IDS).logits
+    fresh_cache(hub, monkeypatch, "cache-ml")
+    torch.testing.assert_close(SPPModel.from_pretrained("user/tiny-ml")(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_push_mirrors_the_folder(hub, tmp_path):  # noqa: F811
+    """Review item 4: a re-push that went from one weights file to shards left the old weights on the Hub."""
+    base = make_tiny_model("llama")
+    prune_magnitude_nm_(base)
+    folder = save_pruned_base(base, tmp_path / "base")
+    (folder / ".env").write_text("HF_TOKEN=secret\n")
+    push_folder(folder, BASE, token=TOKEN)
+    assert "model.safetensors" in files_at(hub, BASE) and ".env" not in files_at(hub, BASE)
+    (folder / "model.safetensors").unlink()
+    base.save_pretrained(folder, max_shard_size="20KB")
+    shards = {p.name for p in folder.glob("model-*.safetensors")}
+    assert len(shards) > 1
+    push_folder(folder, BASE, token=TOKEN)
+    files = files_at(hub, BASE)
+    assert "model.safetensors" not in files and shards <= files and ".gitattributes" in files
+    assert files == {p.name for p in folder.iterdir() if not p.name.startswith(".")} | {".gitattributes"}
+    fresh = AutoModelForCausalLM.from_pretrained(BASE)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), base.state_dict().values()))
+
+
+def test_push_an_adapter_on_a_base_spp_hf_did_not_write(hub, tmp_path, monkeypatch):  # noqa: F811
+    """Review item 16: a Hub base without sparsity.json (pruned by anyone else) made every push fail."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    base = make_tiny_model("llama")
+    prune_magnitude_nm_(base)
+    base.save_pretrained(tmp_path / "third-party")  # no sparsity.json, no card: e.g. llm-compressor's output
+    sha = push_folder(tmp_path / "third-party", "someone/sparse-2of4", token=OTHER_TOKEN).oid
+    model = get_spp_model(AutoModelForCausalLM.from_pretrained("someone/sparse-2of4", revision=sha), SPPConfig(r=4))
+    assert model.active_spp_config.base_model_revision == sha
+    train_steps(model)
+    model.save_pretrained(tmp_path / "adapter")
+    push_adapter_folder(tmp_path / "adapter", "user/on-third-party")
+    pushed = json.loads(hub.state.repo("user/on-third-party").resolve("main").files["spp_config.json"])
+    assert (pushed["base_model_name_or_path"], pushed["base_model_revision"]) == ("someone/sparse-2of4", sha)
+    expected = copy.deepcopy(model).merge_and_unload()(IDS).logits
+    fresh_cache(hub, monkeypatch, "cache-3p")
+    merged = SPPModel.from_pretrained("user/on-third-party")  # checks the zeros against the base's weights
+    torch.testing.assert_close(merged(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(zero_masks(merged)[n], m) for n, m in zero_masks(base).items())
+    with pytest.raises(SPPHubError, match="does not record that it was trained on this commit"):
+        push_adapter_folder(tmp_path / "adapter", "user/rekeyed", base="someone/sparse-2of4@main")

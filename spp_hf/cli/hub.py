@@ -15,7 +15,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     push.add_argument("folder", help="folder written by save_pretrained / spp-hf prune / spp-hf merge")
     push.add_argument("repo_id", help="namespace/name of the Hub repo (created if missing)")
     push.add_argument("--base", default=None, metavar="ORG/NAME[@REV]",
-                      help="adapters only: the pruned base on the Hub to key the adapter to (required when it was "
+                      help="adapters (SPP, masked LoRA) only: the pruned base on the Hub to key the adapter to (required when it was "
                            "trained on a local folder); its zeros are checked and its commit pinned")  # fmt: skip
     add_hub_args(push, revision_help="branch to push to (created from main if missing)")
     push.add_argument("--commit-message", default=None)
@@ -44,17 +44,17 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    from ..hub import describe_folder, push_adapter_folder, push_folder
+    from ..hub import describe_folder, is_adapter_folder, push_adapter_folder, push_folder
 
     folder = Path(args.folder)
     kind = describe_folder(folder)
     if not (folder / "README.md").is_file():
         print(f"warning: {folder} has no README.md; the repo will have no model card.", file=sys.stderr)
-    if kind == "SPP adapter":
+    if is_adapter_folder(folder):
         commit = push_adapter_folder(folder, args.repo_id, base=args.base, private=args.private, revision=args.revision,
                                      commit_message=args.commit_message, token=args.token)  # fmt: skip
     elif args.base:
-        raise SystemExit(f"spp-hf push: --base applies to SPP adapters only; {folder} holds a {kind}.")
+        raise SystemExit(f"spp-hf push: --base applies to adapters only; {folder} holds a {kind}.")
     else:
         commit = push_folder(folder, args.repo_id, private=args.private, revision=args.revision,
                              commit_message=args.commit_message, token=args.token)  # fmt: skip
