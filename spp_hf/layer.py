@@ -16,6 +16,8 @@ Three interchangeable implementations of the same function:
   dW_eff = Gᵀ·X, from which dα and dβ are reductions with W: three weight-sized GEMMs in all.
   W_eff and dW_eff only ever exist one bounded chunk of rows at a time.
   With dropout it saves X and the dropout mask and adds the branch GEMMs it then needs.
+  It gives gradients to X, α, β and the bias, not to W: while the base weight trains, `SPPLinear`
+  takes the naive path.
 """
 
 from __future__ import annotations
@@ -236,6 +238,24 @@ class _FusedSPP(torch.autograd.Function):
             None,
             None,
         )
+
+
+def base_weight_trains(weight: torch.Tensor) -> bool:
+    """Whether autograd will want a gradient for the base weight (the fused functions give it none)."""
+    return weight.requires_grad and torch.is_grad_enabled()
+
+
+def spp_fused(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, alpha: torch.Tensor, beta: torch.Tensor,
+    scale: float, dropout_p: float = 0.0,
+) -> torch.Tensor:  # fmt: skip
+    """Y = X Wᵀ + b + s·Dropout(X) W'ᵀ by `_FusedSPP` (W must be frozen: it gets no gradient there)."""
+    if base_weight_trains(weight):
+        raise ValueError(
+            "The fused SPP path gives no gradient to the base weight (only to X, α, β and the bias): freeze the "
+            "base weight (requires_grad_(False)), or call SPPLinear, which takes the naive path while it trains."
+        )
+    return _FusedSPP.apply(x, weight, bias, alpha, beta, scale, dropout_p)
 
 
 def spp_branch_naive(x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -469,7 +489,8 @@ class SPPLinear(nn.Module):
 
     def resolved_impl(self, adapter_name: str | None = None) -> str:
         """The implementation used for "auto": fused needs the fewest weight-sized GEMMs and keeps
-        the least for backward (only X), so it is the fastest correct choice for every config."""
+        the least for backward (only X), so it is the fastest correct choice for every config. The
+        forward still takes naive while the base weight trains (fused gives W no gradient)."""
         impl = self.impl[self._name(adapter_name)]
         return "fused" if impl == "auto" else impl
 
@@ -574,9 +595,10 @@ def _spp_forward(layer: SPPLinear, name: str, x: torch.Tensor, *args, **kwargs) 
     impl = layer.resolved_impl(name)
     weight = layer.weight
     dropout = layer.dropout[name] if layer.training else 0.0
-    if impl == "fused" and not is_quantized(layer.base_layer):
-        return _FusedSPP.apply(x, weight, layer.bias, alpha, beta, scale, dropout)
-    # naive / blocked, and quantized bases: the base path stays 4/8-bit, the branch dequantizes W
+    if impl == "fused" and not is_quantized(layer.base_layer) and not base_weight_trains(weight):
+        return spp_fused(x, weight, layer.bias, alpha, beta, scale, dropout)
+    # naive / blocked, a trainable base weight (autograd through the base layer gives its gradient), and
+    # quantized bases: the base path stays 4/8-bit, the branch dequantizes W
     base_out = layer.base_layer(x, *args, **kwargs)
     x_branch = F.dropout(x, dropout, training=True) if dropout > 0 else x
     branch = (spp_branch_blocked if impl == "blocked" else spp_branch_naive)(x_branch, weight, alpha, beta)

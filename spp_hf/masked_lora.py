@@ -15,7 +15,8 @@ Two interchangeable implementations of the same function:
   P = Gᵀ·X, from which dB = s·(P ⊙ M) Aᵀ and dA = s·Bᵀ (P ⊙ M): three weight-sized GEMMs in all, as
   SPP's fused layer. W_eff, M and P only ever exist one bounded chunk of rows at a time. With dropout
   the branch sees other inputs than the base: it saves X and the dropout mask and adds the branch
-  GEMMs it then needs.
+  GEMMs it then needs. It gives gradients to X, A, B and the bias, not to W: while the base weight
+  trains, the layer takes the naive path.
 
 Everything derived from the adapters (B A, W_eff, the merged weight) is computed in at least float32.
 
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import layer as _layer
-from .layer import _accumulate, _scratch, compute_dtype
+from .layer import _accumulate, _scratch, base_weight_trains, compute_dtype
 from .weights import is_quantized
 
 
@@ -112,11 +113,13 @@ def masked_lora_fused(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
     scale: float, dropout_p: float = 0.0,
 ) -> torch.Tensor:  # fmt: skip
-    """The same Y as `masked_lora_forward_naive` by `_FusedMaskedLoRA` (W must be frozen and dense)."""
+    """The same Y as `masked_lora_forward_naive` by `_FusedMaskedLoRA` (W must be frozen and dense: it
+    gets no gradient there)."""
     check_shapes(weight, lora_A, lora_B)
-    if weight.requires_grad:
+    if base_weight_trains(weight):
         raise ValueError(
-            "The fused masked-LoRA path trains only A and B: freeze the base weight (requires_grad_(False))."
+            "The fused masked-LoRA path gives no gradient to the base weight (only to X, A, B and the bias): "
+            "freeze the base weight (requires_grad_(False)), or use masked_lora_forward_naive, which trains it too."
         )
     return _FusedMaskedLoRA.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p)
 
@@ -166,6 +169,7 @@ class _FusedMaskedLoRA(torch.autograd.Function):
         outs = []
         for start, stop in _row_chunks(m, n, cdtype.itemsize):
             w = weight[start:stop]
+            b = None if bias is None else bias[start:stop].to(dtype)  # in the GEMM: autocast casts it as the base's
             with torch.autocast(x.device.type, enabled=False):
                 mask, update = _mask_chunk(w, cdtype), _update_chunk(scaled_B, a, start, stop)
                 if keep is None:  # W_eff = W + s·(B A) ⊙ M
@@ -173,13 +177,11 @@ class _FusedMaskedLoRA(torch.autograd.Function):
                 else:
                     update = update.mul_(mask)
             if keep is None:
-                y = x2 @ update.to(dtype).t()
+                y = F.linear(x2, update.to(dtype), b)
             else:  # base + s · branch, the branch on dropped-out inputs
-                y = torch.addmm(x2 @ w.to(dtype).t(), x_branch, update.to(dtype).t())
+                y = torch.addmm(F.linear(x2, w.to(dtype), b), x_branch, update.to(dtype).t())
             outs.append(y)
         y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
-        if bias is not None:
-            y = y + bias
         ctx.save_for_backward(x, keep, weight, lora_A, lora_B)
         ctx.scale, ctx.dropout_p, ctx.bias_dtype = scale, dropout_p, None if bias is None else bias.dtype
         return y.view(*x.shape[:-1], m)
@@ -256,11 +258,12 @@ def _init(layer: Any, config: Any, device: torch.device) -> dict[str, torch.Tens
 
 
 def _forward(layer: Any, name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """Fused on dense bases; on 4/8-bit bases the base GEMM stays quantized and the branch is materialised."""
+    """Fused on dense frozen bases; on 4/8-bit bases the base GEMM stays quantized and the branch is
+    materialised, and while the base weight trains the same naive path gives it its gradient."""
     lora_A, lora_B, scale = layer.lora_A[name], layer.lora_B[name], layer.scale[name]
     dropout = layer.dropout[name] if layer.training else 0.0
     weight = layer.weight
-    if not is_quantized(layer.base_layer):
+    if not is_quantized(layer.base_layer) and not base_weight_trains(weight):
         return masked_lora_fused(x, weight, layer.bias, lora_A, lora_B, scale, dropout)
     base_out = layer.base_layer(x, *args, **kwargs)
     x_branch = F.dropout(x, dropout, training=True) if dropout > 0 else x

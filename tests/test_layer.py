@@ -298,3 +298,68 @@ def test_a_second_adapter_kind_plugs_in(monkeypatch):
     assert torch.equal(lin.weight, original)
     layer.set_adapter("default")
     torch.testing.assert_close(layer(x), lin(x))  # SPP β = 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("base", ["linear", "conv1d"])
+@pytest.mark.parametrize("train_weight", [True, False])
+def test_trainable_base_gets_the_formula_gradient(impl, base, train_weight):
+    """A base weight / bias the user made trainable gets the gradient of Eq. 5 on every impl (fused falls
+    back to naive while the weight trains), never a silent None."""
+    if base == "linear":
+        mod = sparse_linear(m=16, n=8)
+    else:
+        torch.manual_seed(0)
+        mod = Conv1D(16, 8).double()  # weight stored (in, out)
+        with torch.no_grad():
+            mod.weight[torch.rand_like(mod.weight) < 0.5] = 0.0
+    layer = spp(mod, torch.float64, r=4, scale=1.5, impl=impl)
+    random_factors(layer)
+    mod.weight.requires_grad_(train_weight)
+    mod.bias.requires_grad_(True)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    assert mod.bias.grad is not None and (mod.weight.grad is not None) == train_weight
+    w = (mod.weight if base == "linear" else mod.weight.T).detach().clone().requires_grad_()
+    b = mod.bias.detach().clone().requires_grad_()
+    alpha, beta = (p.detach().clone().requires_grad_() for p in factors(layer))
+    x2 = x.detach().clone().requires_grad_()
+    paper_reference(x2, w, b, alpha, beta, 1.5).pow(2).sum().backward()
+    got = [x.grad, mod.bias.grad, *(p.grad for p in factors(layer))]
+    want = [x2.grad, b.grad, alpha.grad, beta.grad]
+    if train_weight:
+        got.append(mod.weight.grad if base == "linear" else mod.weight.grad.T)
+        want.append(w.grad)
+    for g1, g2 in zip(got, want):
+        torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # nothing to differentiate: the same output on every path
+        torch.testing.assert_close(layer(x), paper_reference(x, w, b, alpha, beta, 1.5), rtol=1e-10, atol=1e-10)
+
+
+def test_fused_function_refuses_a_trainable_weight():
+    from spp_hf.layer import spp_fused
+
+    lin = sparse_linear(m=16, n=8)
+    alpha = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(16, 1, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="freeze the base weight"):
+        spp_fused(x, lin.weight, lin.bias, alpha, beta, 2.0)
+    with torch.no_grad():
+        y = spp_fused(x, lin.weight, lin.bias, alpha, beta, 2.0)
+    torch.testing.assert_close(y, paper_reference(x, lin.weight, lin.bias, alpha, beta, 2.0))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_autocast_bf16_output_dtype_matches_base(impl, bias):
+    lin = sparse_linear(dtype=torch.float32, bias=bias)
+    layer = spp(lin, r=4, impl=impl)
+    random_factors(layer)
+    x = torch.randn(3, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, y = lin(x), layer(x)
+    assert want.dtype == torch.bfloat16 and y.dtype == want.dtype
+    ref = paper_reference(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double(),
+                          *(p.double() for p in factors(layer)), 2.0)  # fmt: skip
+    torch.testing.assert_close(y.double(), ref, rtol=0.05, atol=0.2)

@@ -281,3 +281,79 @@ def test_training_step_after_inference_mode_reuses_no_inference_buffer():
     formula(x, w, None, ad, bd).sum().backward()
     torch.testing.assert_close(a.grad.double(), ad.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b.grad.double(), bd.grad, rtol=1e-5, atol=1e-5)
+
+
+def masked_lora_layer(lin, r=3, lora_alpha=6.0, seed=2):
+    """An SPPLinear holding one masked-LoRA adapter with random A and B in lin's dtype."""
+    from spp_hf import MaskedLoRAConfig, SPPLinear
+
+    dtype = str(lin.weight.dtype).removeprefix("torch.")
+    layer = SPPLinear(lin, "default", MaskedLoRAConfig(r=r, lora_alpha=lora_alpha, adapter_dtype=dtype))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (layer.lora_A["default"], layer.lora_B["default"]):
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    return layer
+
+
+def sparse_module(kind, m=12, n=8, dtype=torch.float64):
+    """nn.Linear or GPT-2 Conv1D (weight stored (in, out)) holding sparse_weight, with a random bias."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    mod = nn.Linear(n, m, dtype=dtype) if kind == "linear" else Conv1D(m, n).to(dtype)
+    with torch.no_grad():
+        w = sparse_weight(m, n, dtype)
+        mod.weight.copy_(w if kind == "linear" else w.t())
+        mod.bias.copy_(torch.randn(m, dtype=torch.float64))
+    return mod
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("train_weight", [True, False])
+def test_layer_trainable_base_gets_the_formula_gradient(kind, train_weight):
+    """A base weight / bias the user made trainable gets the gradient of the formula (the layer takes the
+    naive path while the weight trains), never a silent None or an error."""
+    mod = sparse_module(kind)
+    layer = masked_lora_layer(mod)
+    mod.weight.requires_grad_(train_weight)
+    mod.bias.requires_grad_(True)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    assert mod.bias.grad is not None and (mod.weight.grad is not None) == train_weight
+    dense = mod.weight if kind == "linear" else mod.weight.t()
+    w, bias = dense.detach().clone().requires_grad_(), mod.bias.detach().clone().requires_grad_()
+    a, b = (layer.adapter_parameters()[k].detach().clone().requires_grad_() for k in ("lora_A", "lora_B"))
+    x2 = x.detach().clone().requires_grad_()
+    formula(x2, w, bias, a, b, scale=2.0).pow(2).sum().backward()
+    got = [x.grad, mod.bias.grad, layer.lora_A["default"].grad, layer.lora_B["default"].grad]
+    want = [x2.grad, bias.grad, a.grad, b.grad]
+    if train_weight:
+        got.append(mod.weight.grad if kind == "linear" else mod.weight.grad.t())
+        want.append(w.grad)
+    for g1, g2 in zip(got, want):
+        torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # nothing to differentiate: the fused path, the same output
+        torch.testing.assert_close(layer(x), formula(x, w, bias, a, b, scale=2.0), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_autocast_bf16_with_bias_returns_what_the_base_returns(dropout):
+    """Qwen2 q/k/v: fp32 weights with a bias under CPU autocast bf16 give bf16, as the base layer does."""
+    lin = sparse_module("linear", m=32, n=16, dtype=torch.float32)
+    a, b = adapters(m=32, n=16, r=4, dtype=torch.float32)
+    x = torch.randn(5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = lin(x)
+        y = masked_lora_fused(x, lin.weight.detach(), lin.bias, a, b, SCALE, dropout)
+        y_layer = masked_lora_layer(sparse_module("linear", m=32, n=16, dtype=torch.float32))(x)
+    assert want.dtype == torch.bfloat16 and y.dtype == want.dtype and y_layer.dtype == want.dtype
+    y.float().sum().backward()
+    assert lin.bias.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    if dropout == 0.0:
+        ref = formula(x, lin.weight, lin.bias, a, b)
+        torch.testing.assert_close(y.double(), ref, rtol=0.03, atol=0.1)
+        ad, bd = (t.detach().double().requires_grad_() for t in (a, b))
+        formula(x, lin.weight, lin.bias, ad, bd).sum().backward()
+        for got, ref_grad in ((a.grad, ad.grad), (b.grad, bd.grad)):
+            torch.testing.assert_close(got.double(), ref_grad, rtol=1e-4, atol=1e-4)  # backward runs in fp32
