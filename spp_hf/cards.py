@@ -208,24 +208,47 @@ def render_baseline_merged_card(
     related: list[tuple[str, str]] | None = None,
     license: str | None = None,  # noqa: A002
 ) -> str:
-    """Card of a merged baseline (e.g. LoRA*: LoRA merged, then the pruning mask re-applied) on a pruned base."""
+    """Card of a merged model trained by a method of `spp_hf.methods` without an spp-hf adapter to cite.
+
+    `method` is the method's registry name ("lora_star", "masked_full", ...) or its label ("LoRA*"); the card
+    describes that method (LoRA*: LoRA merged, then the pruning mask re-applied; masked full fine-tuning:
+    masked gradients and updates, nothing re-applied). A method the cards do not know is only named.
+    """
     report = _report_dict(report)
     base_meta = base_metadata(base_model)
-    title = f"{_short(base_model)} + {method} (merged, mask re-applied)"
+    key, label = _method_key(method)
+    title = f"{_short(base_model)} + {BASELINE_TITLES.get(key, f'{label} (merged)')}"
     card_data = _card_data(
         base_model=base_model, relation="finetune", library_name="transformers", license=license or base_meta.get("license"),
-        tags=_tags(base_meta.get("method"), report.get("pattern") or base_meta.get("pattern"), extra=[method]),
+        tags=_tags(base_meta.get("method"), report.get("pattern") or base_meta.get("pattern"), extra=[key]),
         datasets=None, eval_results={}, model_name=repo_id or title,
     )  # fmt: skip
     return _render(
         "baseline_merged", card_data, title=title, repo_id=repo_id or PLACEHOLDER_REPO_ID, base_link=_link(base_model),
-        method=method, sparsity_summary=_summary(report), **_sparsity_rows(report), related=_related(related),
-        versions=_versions(),
+        method=label, method_key=key, sparsity_summary=_summary(report), **_sparsity_rows(report),
+        related=_related(related), versions=_versions(),
     )  # fmt: skip
 
 
+BASELINE_TITLES = {
+    "lora_star": "LoRA* (merged, mask re-applied)",
+    "masked_full": "masked full fine-tuning",
+    "masked_lora": "Masked-LoRA (merged)",
+    "spp": "SPP (merged)",
+}
+
+
+def _method_key(method: str) -> tuple[str, str]:
+    """(registry name, label) of a method of `spp_hf.methods` named either way; an unknown one is both."""
+    from .methods import METHODS
+
+    if method in METHODS:
+        return method, METHODS[method].label
+    return next(((name, m.label) for name, m in METHODS.items() if m.label == method), (method, method))
+
+
 def template_path(kind: str) -> Path:
-    """The Jinja template of one card kind ("pruned_base", "adapter", "merged")."""
+    """The Jinja template of one card kind ("pruned_base", "adapter", "merged", "baseline_merged")."""
     packaged = importlib.resources.files("spp_hf") / "cards" / f"{kind}.md"
     if packaged.is_file():
         return Path(str(packaged))

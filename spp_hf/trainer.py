@@ -103,7 +103,9 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
     Args:
         model: a pruned base (path, Hub repo id or `PreTrainedModel`), or a model that already has
             SPP layers (then ``spp_config`` must be None).
-        args: `SFTConfig` (or `SPPSFTConfig`, whose bf16 default suits CPU-only machines).
+        args: `SFTConfig` (or `SPPSFTConfig`, whose bf16 default suits CPU-only machines). With
+            ``push_to_hub`` the base must be a Hub repo id (or ``spp_config`` must name one): the pushed
+            adapter names its base, so a local one is refused here, before any training.
         spp_config: the adapter's settings: `SPPConfig` (the paper's defaults if None) or `MaskedLoRAConfig`.
         dataset_name: a name for the data set in the model card (e.g. ``"yahma/alpaca-cleaned"``).
         quantization_config: `BitsAndBytesConfig` for loading ``model`` from a path in 4/8 bit.
@@ -145,6 +147,7 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
                 "and save it first); SPP layers are attached by the trainer."
             )
         args = _as_sft_config(args, model)
+        _check_push_base(args, model, spp_config)
         from transformers import set_seed
 
         set_seed(args.seed)  # α is randomly initialised: seed first, as TRL does before PEFT
@@ -449,6 +452,31 @@ def _is_peft_model(model: Any) -> bool:
     except ImportError:
         return False
     return isinstance(model, PeftModel)
+
+
+def _check_push_base(args: SFTConfig, model: Any, spp_config: AdapterConfig | None) -> None:
+    """With ``push_to_hub``, refuse now a base that is not a Hub repo id (every push would refuse it, after training)."""
+    from .hub import SPPHubError, is_hub_id
+
+    if not args.push_to_hub:
+        return
+    if isinstance(model, SPPModelMixin):
+        bases = [config.base_model_name_or_path for config in model.spp_config.values()]
+    else:
+        named = spp_config.base_model_name_or_path if spp_config is not None else None
+        loaded = str(model) if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", None)
+        bases = [named or loaded or None]
+    local = [base for base in bases if not is_hub_id(base)]
+    if not local:
+        return
+    what = f"{local[0]!r}, a local path" if local[0] else "not recorded (a model built in memory)"
+    raise SPPHubError(
+        f"push_to_hub=True pushes the adapter keyed to its base, but the base is {what}, not a Hub repo id, so the "
+        "first push (at a checkpoint or the end) would be refused after training. Push the pruned base first "
+        "(`spp-hf push PRUNED_DIR ORG/NAME`) and train on it from the Hub (SPPSFTTrainer(\"ORG/NAME\", ...)), or name "
+        "its Hub copy in the adapter's config (spp_config=SPPConfig(base_model_name_or_path=\"ORG/NAME\", ...)), or "
+        "train without push_to_hub and push afterwards with `spp-hf push ADAPTER REPO --base ORG/NAME[@REVISION]`."
+    )
 
 
 def _as_sft_config(args: SFTConfig | TrainingArguments | None, model: Any) -> SFTConfig:

@@ -15,6 +15,7 @@ from spp_hf import SPPConfig, get_spp_model, sparsity_report
 from spp_hf.cards import (
     PLACEHOLDER_REPO_ID,
     render_adapter_card,
+    render_baseline_merged_card,
     render_merged_card,
     render_pruned_base_card,
     template_path,
@@ -122,7 +123,8 @@ def test_adapter_card_names_a_hub_base(hub, pruned_llama):  # noqa: F811
 
 def test_merged_card(hub, pruned_llama):  # noqa: F811
     config = SPPConfig(r=8, base_model_name_or_path="user/tiny-wanda24", base_model_revision="b" * 40,
-                       mask_fingerprint={"hash": "c" * 64, "modules": {}})  # fmt: skip
+                       mask_fingerprint={"hash": "c" * 64, "modules": {"model.layers.0.self_attn.q_proj":
+                                                                       {"shape": [64, 64], "zeros": 2048, "hash": "d" * 64}}})  # fmt: skip
     report = sparsity_report(pruned_llama).to_dict()
     text = render_merged_card(config, report, {"wikitext": {"perplexity": 30.25}}, repo_id="user/tiny-merged",
                               adapter="user/tiny-wanda24-spp")  # fmt: skip
@@ -148,9 +150,30 @@ def test_local_hub_rejects_bad_metadata(hub):  # noqa: F811
         ModelCard("---\nmodel-index:\n- name: x\n  results: []\n---\n# x\n").validate()
 
 
-@pytest.mark.parametrize("kind", ["pruned_base", "adapter", "merged"])
+@pytest.mark.parametrize("kind", ["pruned_base", "adapter", "merged", "baseline_merged"])
 def test_templates_ship_in_the_package(kind):
     packaged = template_path(kind)
     assert packaged.parent.name == "cards" and packaged.parent.parent.name == "spp_hf"
     assert packaged.read_text() == (REPO_ROOT / "model_cards" / f"{kind}.md").read_text()
     assert packaged.read_text().startswith("---\n{{ card_data }}\n---\n")
+
+
+@pytest.mark.parametrize(
+    ("method", "says", "never"),
+    [
+        ("masked_full", ["masked full fine-tuning", "every non-zero weight", "gradients and optimizer updates masked"],
+         ["LoRA", "re-applied"]),
+        ("lora_star", ["LoRA*", "mask re-applied"], ["masked full"]),
+        ("LoRA*", ["LoRA*", "mask re-applied"], ["masked full"]),  # the label the pipeline passes
+        ("masked_lora", ["masked-LoRA", "(W ≠ 0)"], ["LoRA*", "re-applied"]),
+        ("my_method", ["**my_method**"], ["LoRA", "re-applied"]),  # a method registered elsewhere: no claims about it
+    ],
+)
+def test_baseline_merged_card_describes_its_method(hub, pruned_llama, method, says, never):  # noqa: F811
+    report = sparsity_report(pruned_llama).to_dict()
+    card = ModelCard(render_baseline_merged_card(method, "user/tiny-wanda24", report, repo_id="user/tiny-merged"))
+    card.validate()
+    assert card.data.base_model == "user/tiny-wanda24" and card.data.base_model_relation == "finetune"
+    assert all(text in card.text for text in says), card.text
+    assert not [text for text in never if text in card.text], card.text
+    assert "| module | layers | zeros | ratio | N:M |" in card.text

@@ -202,3 +202,23 @@ def test_push_adapter_folder_skips_trainer_checkpoints(hub, tmp_path, monkeypatc
     assert {"spp_config.json", "other/spp_config.json", "other/spp_adapter.safetensors"} <= set(files)
     assert not [f for f in files if f.startswith("checkpoint-")]
     assert json.loads(files["other/spp_config.json"])["base_model_revision"] == sha
+
+
+def test_publish_describes_each_merged_baseline_by_its_own_method(hub, tmp_path, monkeypatch):  # noqa: F811
+    """Masked full fine-tuning re-applies nothing: its merged model's card is not LoRA*'s."""
+    from spp_hf.publish import publish_run
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    run = tmp_path / "run"
+    model = make_tiny_model("llama")
+    prune_magnitude_nm_(model)
+    write_model_folder(model, None, run / "pruned", "card", model_sparsity_record(model, "pruned-base"))
+    for method in ("masked_full", "lora_star"):
+        write_model_folder(model, None, run / f"{method}_s0" / "merged", "card", model_sparsity_record(model, "merged"))
+    publish_run(run, REPO)
+    cards = {m: ModelCard(pushed_files(hub, f"{REPO}-{m}-merged")["README.md"].decode()) for m in ("masked_full", "lora_star")}
+    masked = cards["masked_full"].text
+    assert "masked full fine-tuning" in masked and "every non-zero weight" in masked
+    assert "LoRA" not in masked and "re-applied" not in masked
+    assert "LoRA*" in cards["lora_star"].text and "mask re-applied" in cards["lora_star"].text
+    assert cards["masked_full"].data.base_model == REPO and "masked_full" in cards["masked_full"].data.tags

@@ -380,3 +380,34 @@ def test_push_to_hub_uploads_the_adapter_with_its_card(hub, tmp_path):  # noqa: 
     path.write_bytes(files["spp_adapter.safetensors"])
     pushed, own = load_file(path), t.model.spp_state_dict()
     assert set(pushed) == set(own) and all(torch.equal(pushed[k], own[k]) for k in own)
+
+
+def test_push_to_hub_with_a_local_base_is_refused_before_training(tmp_path, monkeypatch):
+    """The first push would refuse a base that is not on the Hub, after training: refuse in the constructor."""
+    from trl import SFTTrainer
+
+    from spp_hf.hub import SPPHubError
+
+    def never(*args, **kwargs):
+        raise AssertionError("the refused trainer loaded the base or started setting up training")
+
+    base_dir = save_tiny_base(tmp_path / "base")
+    monkeypatch.setattr(SFTTrainer, "__init__", never)
+    monkeypatch.setattr(SPPSFTTrainer, "_load_base", staticmethod(never))
+    for model in (str(base_dir), tiny_pruned_base(), get_spp_model(tiny_pruned_base(), SPPConfig(r=4))):
+        with pytest.raises(SPPHubError, match=r"push_to_hub.*not a Hub repo.*SPPConfig\(base_model_name_or_path=.*--base ORG/NAME"):
+            trainer(tmp_path, model=model, max_steps=2, save_strategy="steps", save_steps=1, push_to_hub=True,
+                    hub_model_id="user/x")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_to_hub_with_a_local_base_named_on_the_hub(hub, tmp_path):  # noqa: F811
+    """The fix the refusal names: the adapter config names the Hub copy of the local base."""
+    base_repo = "user/tiny-base"
+    base_sha = push_tiny_base(tmp_path, base_repo)
+    base_dir = save_tiny_base(tmp_path / "local-base")
+    t = trainer(tmp_path, model=str(base_dir), spp=SPPConfig(r=4, base_model_name_or_path=base_repo), max_steps=1,
+                push_to_hub=True, hub_model_id="user/tiny-spp-sft", hub_token=TOKEN)  # fmt: skip
+    t.push_to_hub()
+    pushed = json.loads(hub.state.repo("user/tiny-spp-sft").resolve("main").files["spp_config.json"])
+    assert (pushed["base_model_name_or_path"], pushed["base_model_revision"]) == (base_repo, base_sha)
