@@ -47,6 +47,48 @@ def _check_types(config: "AdapterConfig") -> None:
             raise ValueError(f"{cls}.{name} must be {wanted}, got {value!r} ({type(value).__name__})")
 
 
+_MISSING = object()
+_FINGERPRINT_FIX = (
+    "spp-hf writes the fingerprint when it saves an adapter: save the adapter again, or remove mask_fingerprint "
+    "to have it measured from the base (loading then does not check the base's zeros)"
+)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_fingerprint(cls: str, fingerprint: dict | None) -> None:
+    """Refuse a mask fingerprint not shaped as `sparsity.fingerprint_modules` builds it, naming the entry."""
+    if fingerprint is None:
+        return
+
+    def refuse(where: str, wanted: str, value: Any) -> ValueError:
+        got = "nothing (the key is missing)" if value is _MISSING else repr(value)
+        got = got if len(got) <= 80 else got[:77] + "..."
+        return ValueError(f"{cls}.mask_fingerprint{where} must be {wanted}, got {got}. {_FINGERPRINT_FIX}")
+
+    total = fingerprint.get("hash", _MISSING)
+    if not isinstance(total, str) or not total:
+        raise refuse("['hash']", "a hex string (the hash over every module's mask)", total)
+    modules = fingerprint.get("modules", _MISSING)
+    if not isinstance(modules, dict) or not modules:
+        raise refuse("['modules']", "a non-empty object mapping module names to {shape, zeros, hash}", modules)
+    for name, entry in modules.items():
+        if not isinstance(name, str) or not name:
+            raise refuse("['modules']", "keyed by module names", name)
+        where = f"['modules'][{name!r}]"
+        if not isinstance(entry, dict):
+            raise refuse(where, "an object with 'shape', 'zeros' and 'hash'", entry)
+        shape, zeros, digest = (entry.get(key, _MISSING) for key in ("shape", "zeros", "hash"))
+        if not isinstance(shape, list) or len(shape) != 2 or not all(_is_count(d) for d in shape):
+            raise refuse(where + "['shape']", "[out_features, in_features], two non-negative integers", shape)
+        if not _is_count(zeros) or zeros > shape[0] * shape[1]:
+            raise refuse(where + "['zeros']", f"the number of zeros, an integer from 0 to {shape[0] * shape[1]}", zeros)
+        if not isinstance(digest, str) or not digest:
+            raise refuse(where + "['hash']", "a hex string (the hash of the module's mask)", digest)
+
+
 def _version() -> str:
     from . import __version__
 
@@ -66,9 +108,9 @@ class AdapterConfig:
             except the output embedding).
         adapter_dtype: dtype of the adapter's tensors, independent of the base dtype.
         base_model_name_or_path, base_model_revision: the pruned base the adapter belongs to (recorded
-            by `get_spp_model`; the revision is pinned to a commit on push).
-        mask_fingerprint: zero masks of the base's target layers (recorded by `get_spp_model`); loading
-            refuses a base with other zeros.
+            by `get_spp_model` / `add_adapter` where not set here; the revision is pinned to a commit on push).
+        mask_fingerprint: zero masks of the base's target layers, always measured by `get_spp_model` /
+            `add_adapter` on the base the adapter is added to; loading refuses a base with other zeros.
         spp_hf_version, format_version: which spp-hf wrote the file, and its format.
     """
 
@@ -97,8 +139,7 @@ class AdapterConfig:
         name = type(self).__name__
         if self.adapter_dtype not in ADAPTER_DTYPES:
             raise ValueError(f"{name}.adapter_dtype must be one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
-        if self.mask_fingerprint is not None and not isinstance(self.mask_fingerprint.get("modules"), dict):
-            raise ValueError(f"{name}.mask_fingerprint must be None or a fingerprint with a 'modules' mapping")
+        _check_fingerprint(name, self.mask_fingerprint)
         self.validate()
 
     def validate(self) -> None:

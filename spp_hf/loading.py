@@ -236,7 +236,7 @@ class SPPModel:
         validate_targets(model, names, config)
         check_fingerprint(config, fingerprint_modules((n, dense_weight(model.get_submodule(n))) for n in names), strict)
         trainable = {id(p): p.requires_grad for p in model.parameters()}
-        model = inject_adapter(model, config, adapter_name, names)
+        model = inject_adapter(model, config, adapter_name, names, loaded=True)
         try:
             model.load_spp_state_dict(state, adapter_name)
             if merge:

@@ -84,9 +84,9 @@ def get_spp_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "
     Returns the same object; its class now also derives from `SPPModelMixin`, so
     `save_pretrained` / `push_to_hub` write the adapter only and `merge_and_unload` gives back
     the original transformers class with merged, still-sparse weights. `config` is copied, never
-    changed; the copy records the base's mask fingerprint, name and the commit it was loaded from
-    (``config._commit_hash``, else the one commit of it in the HF cache, `hub.base_commit`; None for a
-    local folder). No network access here: `push_to_hub` pins and checks the base commit.
+    changed; the copy is keyed to `model` (`record_base`): the mask fingerprint measured from its
+    weights, its name and the commit it was loaded from. No network access here: `push_to_hub` pins
+    and checks the base commit.
     """
     if isinstance(model, SPPModelMixin):
         model.add_adapter(config, adapter_name=adapter_name)
@@ -95,9 +95,10 @@ def get_spp_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "
     return inject_adapter(model, config, adapter_name, find_target_modules(model, config.target_modules))
 
 
-def inject_adapter(model: nn.Module, config: Any, adapter_name: str, names: list[str]) -> nn.Module:
+def inject_adapter(model: nn.Module, config: Any, adapter_name: str, names: list[str], *, loaded: bool = False) -> nn.Module:
     """`get_spp_model` on explicit module names (loading uses the names an adapter file lists, so a
-    saved regex is never evaluated). Everything is validated before the model changes."""
+    saved regex is never evaluated). Everything is validated before the model changes. A `loaded`
+    adapter keeps the base its file records, filled in from `model` only where the file has nothing."""
     check_adapter_name(adapter_name)
     adapter_kind(config)
     validate_targets(model, names, config)
@@ -114,16 +115,47 @@ def inject_adapter(model: nn.Module, config: Any, adapter_name: str, names: list
     if getattr(model, "is_quantized", False):
         # transformers trains a quantized model only if it carries adapters; SPP is one on a frozen base.
         model._hf_peft_config_loaded = True
+    if not loaded:
+        record_base(model, config)
+        return model
     if config.mask_fingerprint is None:
         config.mask_fingerprint = model.spp_fingerprint()
+    fill_base(model, config)
+    return model
+
+
+def record_base(model: nn.Module, config: AdapterConfig, reference: AdapterConfig | None = None) -> None:
+    """Key a new adapter's config (the model's own copy) to `model`, the base it is added to.
+
+    The mask fingerprint is always measured from the base weights now. A config that carries another
+    fingerprint (filled for another base, or loaded with another adapter) names that base, so its base
+    name and revision go too; on a config without one they were set by the user and are kept. What is
+    missing comes from `reference` (the active adapter) if it was keyed to these zeros, else `fill_base`.
+    """
+    found = model.spp_fingerprint()
+    if config.mask_fingerprint is not None and config.mask_fingerprint["hash"] != found["hash"]:
+        config.base_model_name_or_path = config.base_model_revision = None
+    config.mask_fingerprint = found
+    same = reference is not None and (reference.mask_fingerprint or {}).get("hash") == found["hash"]
+    if same and config.base_model_name_or_path is None and config.base_model_revision is None:
+        config.base_model_name_or_path = reference.base_model_name_or_path
+        config.base_model_revision = reference.base_model_revision
+        return
+    fill_base(model, config)
+
+
+def fill_base(model: nn.Module, config: AdapterConfig) -> None:
+    """Fill in the base name and revision `config` lacks from `model`: its `name_or_path`, and for that name
+    the commit it was loaded from (``config._commit_hash``, else the one commit of it in the HF cache,
+    `hub.base_commit`; None for a local folder)."""
+    name = getattr(model, "name_or_path", None) or None
     if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
-    if config.base_model_revision is None:
+        config.base_model_name_or_path = name
+    if config.base_model_revision is None and config.base_model_name_or_path:
         from .hub import base_commit  # revision=None: reads the cache only, never the network
 
-        commit = getattr(model.config, "_commit_hash", None)
-        config.base_model_revision = commit or (base_commit(config.base_model_name_or_path) if config.base_model_name_or_path else None)
-    return model
+        commit = getattr(model.config, "_commit_hash", None) if config.base_model_name_or_path == name else None
+        config.base_model_revision = commit or base_commit(config.base_model_name_or_path)
 
 
 def refuse_if_merged(model: nn.Module, action: str) -> None:
@@ -169,7 +201,10 @@ class SPPModelMixin:
 
     # -- adapters (transformers' signatures; SPP configs only)
     def add_adapter(self, adapter_config: AdapterConfig, adapter_name: str | None = None) -> None:  # type: ignore[override]
-        """Attach another named adapter (on the same target layers), freshly initialised, and make it active."""
+        """Attach another named adapter (on the same target layers), freshly initialised, and make it active.
+
+        `adapter_config` is copied; the copy is keyed to this model's base (`record_base`), whatever
+        base the other adapters were trained on."""
         adapter_name = "default" if adapter_name is None else adapter_name
         check_adapter_name(adapter_name)
         adapter_kind(adapter_config)
@@ -186,10 +221,7 @@ class SPPModelMixin:
         for name, layer in self.spp_layers():
             layer.check_config(adapter_config, name)
         config = copy.deepcopy(adapter_config)
-        active = self.active_spp_config
-        config.mask_fingerprint = config.mask_fingerprint or active.mask_fingerprint
-        config.base_model_name_or_path = config.base_model_name_or_path or active.base_model_name_or_path
-        config.base_model_revision = config.base_model_revision or active.base_model_revision
+        record_base(self, config, reference=self.active_spp_config)
         self._install_adapter(adapter_name, config)
 
     def _install_adapter(self, adapter_name: str, config: AdapterConfig, state: dict[str, torch.Tensor] | None = None) -> None:

@@ -157,6 +157,33 @@ def test_config_object_is_never_mutated():
     assert c == SPPConfig(r=4)
 
 
+def test_reused_config_is_keyed_to_each_base():
+    """A config filled for base X (its fingerprint, name, revision) and reused on base Y records Y, for
+    get_spp_model and add_adapter alike; base fields the user set on a fresh config are kept."""
+    x, y = pruned(seed=0), pruned(seed=1)
+    x.name_or_path, x.config._commit_hash = "user/base-x", "a" * 40
+    y.name_or_path, y.config._commit_hash = "user/base-y", "b" * 40
+    on_x = get_spp_model(x, SPPConfig(r=8))
+    filled = on_x.active_spp_config
+    before = copy.deepcopy(filled)
+    on_y = get_spp_model(y, filled).active_spp_config
+    assert on_y.mask_fingerprint == y.spp_fingerprint() != filled.mask_fingerprint
+    assert (on_y.base_model_name_or_path, on_y.base_model_revision) == ("user/base-y", "b" * 40)
+    assert filled == before and filled.mask_fingerprint == on_x.spp_fingerprint()
+    unnamed = get_spp_model(pruned(seed=2), filled).active_spp_config  # an in-memory base: nothing of X survives
+    assert unnamed.mask_fingerprint["hash"] != filled.mask_fingerprint["hash"]
+    assert (unnamed.base_model_name_or_path, unnamed.base_model_revision) == (None, None)
+    other = get_spp_model(pruned(seed=1), SPPConfig(r=8))
+    other.add_adapter(filled, adapter_name="second")
+    assert other.active_spp_config.mask_fingerprint == other.spp_fingerprint() != filled.mask_fingerprint
+    explicit = SPPConfig(r=8, base_model_name_or_path="user/hub-copy", base_model_revision="c" * 40)
+    kept = get_spp_model(pruned(seed=1), explicit).active_spp_config
+    assert (kept.base_model_name_or_path, kept.base_model_revision) == ("user/hub-copy", "c" * 40)
+    filled.base_model_revision = "d" * 40  # pinned by hand on X's own adapter: a further adapter on X keeps it
+    on_x.add_adapter(SPPConfig(r=4), adapter_name="second")
+    assert (on_x.active_spp_config.base_model_name_or_path, on_x.active_spp_config.base_model_revision) == ("user/base-x", "d" * 40)
+
+
 # --------------------------------------------------------------------------- 6: exact merges
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -400,6 +427,64 @@ def test_wrong_config_types_name_file_and_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=rf"spp_config\.json.*{field}") as info:
         SPPModel.from_pretrained(tmp_path, base_model=pruned())
     assert "save" in str(info.value) or "fix" in str(info.value).lower()
+
+
+def _drop(key):
+    return lambda fp: {k: v for k, v in fp.items() if k != key}
+
+
+def _entry(change):
+    """Apply `change` to the first module entry of a fingerprint."""
+
+    def apply(fp):
+        name = next(iter(fp["modules"]))
+        return {**fp, "modules": {**fp["modules"], name: change(fp["modules"][name])}}
+
+    return apply
+
+
+BAD_FINGERPRINTS = {
+    "no_hash": (_drop("hash"), r"mask_fingerprint\['hash'\]"),
+    "hash_not_string": (lambda fp: {**fp, "hash": 5}, r"mask_fingerprint\['hash'\]"),
+    "no_modules": (_drop("modules"), r"mask_fingerprint\['modules'\]"),
+    "empty_modules": (lambda fp: {**fp, "modules": {}}, r"mask_fingerprint\['modules'\].*non-empty"),
+    "modules_a_list": (lambda fp: {**fp, "modules": list(fp["modules"])}, r"mask_fingerprint\['modules'\]"),
+    "entry_not_object": (_entry(lambda e: "0123abcd"), r"mask_fingerprint\['modules'\]\['model\.layers\.0\."),
+    "entry_a_list": (_entry(lambda e: list(e.values())), r"mask_fingerprint\['modules'\]\['model\.layers\.0\."),
+    "no_shape": (_entry(lambda e: {"zeros": e["zeros"], "hash": e["hash"]}), r"\['shape'\]"),
+    "shape_a_string": (_entry(lambda e: {**e, "shape": "64x64"}), r"\['shape'\]"),
+    "shape_one_dim": (_entry(lambda e: {**e, "shape": [64]}), r"\['shape'\]"),
+    "shape_floats": (_entry(lambda e: {**e, "shape": [64.0, 64.0]}), r"\['shape'\]"),
+    "zeros_a_string": (_entry(lambda e: {**e, "zeros": "32"}), r"\['zeros'\]"),
+    "zeros_bool": (_entry(lambda e: {**e, "zeros": True}), r"\['zeros'\]"),
+    "zeros_negative": (_entry(lambda e: {**e, "zeros": -1}), r"\['zeros'\]"),
+    "zeros_beyond_shape": (_entry(lambda e: {**e, "zeros": 64 * 64 + 1}), r"\['zeros'\]"),
+    "module_hash_missing": (_entry(lambda e: {"shape": e["shape"], "zeros": e["zeros"]}), r"\['hash'\]"),
+    "module_hash_not_string": (_entry(lambda e: {**e, "hash": 7}), r"\['hash'\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FINGERPRINTS))
+def test_malformed_fingerprint_is_refused_naming_field_and_fix(tmp_path, case):
+    """Refused when the config is built (in code, from_dict, from a file), never a raw TypeError later."""
+    from spp_hf import MaskedLoRAConfig
+    from spp_hf.config import AdapterConfig
+
+    change, where = BAD_FINGERPRINTS[case]
+    model = get_spp_model(pruned(), SPPConfig(r=8))
+    model.save_pretrained(tmp_path)
+    bad = change(copy.deepcopy(model.active_spp_config.mask_fingerprint))
+    for build in (lambda: SPPConfig(r=8, mask_fingerprint=bad), lambda: MaskedLoRAConfig(mask_fingerprint=bad),
+                  lambda: AdapterConfig.from_dict({"r": 8, "mask_fingerprint": bad})):  # fmt: skip
+        with pytest.raises(ValueError, match=where) as info:
+            build()
+        assert "save the adapter again" in str(info.value) and "remove mask_fingerprint" in str(info.value)
+    data = json.loads((tmp_path / "spp_config.json").read_text())
+    rewrite_adapter_config(tmp_path, {**data, "mask_fingerprint": bad})
+    with pytest.raises(ValueError, match=rf"spp_config\.json.*{where}"):
+        SPPModel.from_pretrained(tmp_path, base_model=pruned())
+    with pytest.raises(ValueError, match=rf"spp_config\.json.*{where}"):
+        get_spp_model(pruned(), SPPConfig(r=8)).load_adapter(tmp_path)
 
 
 def test_non_utf8_config_is_a_clear_error(tmp_path):

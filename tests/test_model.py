@@ -178,6 +178,28 @@ def test_wrong_base_is_refused_naming_module(tmp_path):
         SPPModel.from_pretrained(tmp_path, base_model=other, strict=False)
 
 
+def test_adapter_added_after_strict_false_load_is_keyed_to_its_own_base(tmp_path):
+    """Base X's adapter loaded onto base Y with strict=False; an adapter added there was trained on Y:
+    it records Y's zeros, name and revision, so it loads onto Y and is refused on X."""
+    x, y = pruned(seed=0), pruned(seed=1)
+    x.name_or_path, x.config._commit_hash = "user/base-x", "a" * 40
+    y.name_or_path, y.config._commit_hash = "user/base-y", "b" * 40
+    get_spp_model(x, config_for("llama")).save_pretrained(tmp_path / "on_x")
+    with pytest.warns(UserWarning, match="mask hash"):
+        model = SPPModel.from_pretrained(tmp_path / "on_x", base_model=y, merge=False, strict=False, is_trainable=True)
+    model.add_adapter(SPPConfig(r=4), adapter_name="new")
+    train_steps(model)
+    logits = model(IDS).logits
+    model.save_pretrained(tmp_path / "new", selected_adapters=["new"])
+    saved = json.loads((tmp_path / "new" / "spp_config.json").read_text())
+    assert saved["mask_fingerprint"] == model.spp_fingerprint()
+    assert (saved["base_model_name_or_path"], saved["base_model_revision"]) == ("user/base-y", "b" * 40)
+    on_y = SPPModel.from_pretrained(tmp_path / "new", base_model=pruned(seed=1))
+    torch.testing.assert_close(on_y(IDS).logits, logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(SPPMismatchError, match="strict=False"):
+        SPPModel.from_pretrained(tmp_path / "new", base_model=pruned(seed=0))
+
+
 def test_target_modules_matching_nothing_lists_names():
     model = pruned()
     with pytest.raises(ValueError, match=r"matched no module.*q_proj"):
