@@ -2,7 +2,7 @@
 
 Shapes are LLaMA-7B's (4096×4096 attention, 11008×4096 MLP), float32 on the CPU. Compared: the frozen
 base linear alone (the floor: forward + dX), SPP naive / blocked / fused, masked LoRA r=8 fused (LoRA
-whose update is multiplied by the zero mask, `spp_hf.masked_lora`) and PEFT LoRA r=8 on the same
+whose update is multiplied by the zero mask, `spp_hf.adapters.masked_lora`) and PEFT LoRA r=8 on the same
 layer. Input gradients are always computed, as inside a network. Prints absolute numbers and ratios.
 
     python benchmarks/bench_layer.py            # the full table (several minutes on 2 cores)

@@ -59,7 +59,7 @@ class PeakRSS:
 def load_smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spp_hf.smollm2 import smollm2_path
+    from spp_hf.data.default_model import smollm2_path
 
     path = smollm2_path()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
@@ -67,7 +67,7 @@ def load_smollm2():
 
 def wikitext2_ppl(model, tok, args: argparse.Namespace) -> float:
     """spp-hf's WikiText-2 perplexity (bundled test split, SparseGPT protocol) on the first windows."""
-    from spp_hf.evaluation import perplexity
+    from spp_hf.pipeline.evaluation import perplexity
 
     return perplexity(model, tok, seqlen=args.ppl_seqlen, max_windows=args.ppl_windows)
 

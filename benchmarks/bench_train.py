@@ -15,9 +15,9 @@ steps are not timed. Ratios are against LoRA (targets: SPP ≤ 1.3× LoRA time, 
 
     python benchmarks/bench_train.py                      # 2 warm-up + 5 timed steps of 4 × 256 tokens, dropout 0 and 0.05
     python benchmarks/bench_train.py --steps 2 --warmup 1 --seq 64 --methods spp-fused lora   # smoke run
-    python benchmarks/bench_train.py --methods spp-fused lora --dropout 0 --malloc glibc keep  # spp_hf.cpu_memory
+    python benchmarks/bench_train.py --methods spp-fused lora --dropout 0 --malloc glibc keep  # spp_hf.training.cpu_allocator
 
-`--malloc keep` (the default, what the `spp-hf` CLI does) calls `spp_hf.cpu_memory.keep_freed_memory()`
+`--malloc keep` (the default, what the `spp-hf` CLI does) calls `spp_hf.training.cpu_allocator.keep_freed_memory()`
 in the worker; `glibc` leaves glibc's defaults. With both, the table adds each method's time and peak
 memory against its own `glibc` run.
 """
@@ -74,7 +74,7 @@ def pruned_smollm2():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spp_hf.smollm2 import smollm2_path
+    from spp_hf.data.default_model import smollm2_path
 
     path = smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -97,7 +97,7 @@ def run_worker(method: str, steps: int, warmup: int, batch: int, seq: int, dropo
     from trl import SFTTrainer
 
     from spp_hf import SPPConfig, SPPSFTTrainer
-    from spp_hf.trainer import SPPSFTConfig
+    from spp_hf.training.trainer import SPPSFTConfig
 
     model, tokenizer, masks = pruned_smollm2()
     data = load_dataset("json", data_files=str(ROOT / "spp_hf/data/alpaca/alpaca_sample_500.json"), split="train")
@@ -175,7 +175,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         if args.malloc[0] == "keep":
-            from spp_hf.cpu_memory import keep_freed_memory
+            from spp_hf.training.cpu_allocator import keep_freed_memory
 
             keep_freed_memory()
         run_worker(args.worker, args.steps, args.warmup, args.batch, args.seq, args.dropout[0], args.out)

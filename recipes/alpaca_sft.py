@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 from trl import TrlParser  # noqa: E402
 
 from spp_hf import MaskedLoRAConfig, SPPConfig, SPPSFTTrainer  # noqa: E402
-from spp_hf.alpaca import (  # noqa: E402, F401  (the template and loaders live in the package)
+from spp_hf.data.training_data import (  # noqa: E402, F401  (the template and loaders live in the package)
     BUNDLED_ALPACA,
     PROMPT_INPUT,
     PROMPT_NO_INPUT,
@@ -33,8 +33,8 @@ from spp_hf.alpaca import (  # noqa: E402, F401  (the template and loaders live 
     load_alpaca,
     to_sft_format,
 )
-from spp_hf.config import DEFAULT_TARGETS  # noqa: E402
-from spp_hf.trainer import SPPSFTConfig  # noqa: E402
+from spp_hf.adapters.config import DEFAULT_TARGETS  # noqa: E402
+from spp_hf.training.trainer import SPPSFTConfig  # noqa: E402
 
 logger = logging.getLogger("alpaca_sft")
 
@@ -66,7 +66,7 @@ class ScriptArguments:
     model_name_or_path: str = field(
         default="smollm2",
         metadata={"help": "Pruned base: local folder or Hub repo id. 'smollm2' = the offline SmolLM2-135M "
-                  "checkpoint of spp_hf.smollm2 (dense: prune it first, see recipes/README.md)."},
+                  "checkpoint of spp_hf.data.default_model (dense: prune it first, see recipes/README.md)."},
     )  # fmt: skip
     model_revision: str | None = field(default=None, metadata={"help": "Revision of the base on the Hub."})
     dataset_name: str = field(
@@ -120,7 +120,7 @@ class SPPArguments:
 def resolve_model(name: str) -> str:
     """A model path or repo id; 'smollm2' maps to the offline SmolLM2-135M checkpoint."""
     if name == "smollm2":
-        from spp_hf.smollm2 import smollm2_path
+        from spp_hf.data.default_model import smollm2_path
 
         return str(smollm2_path())
     path = Path(name).expanduser()
@@ -191,7 +191,7 @@ def _warn_if_dense(trainer: SPPSFTTrainer) -> None:
 
 
 if __name__ == "__main__":
-    from spp_hf.cpu_memory import keep_freed_memory
+    from spp_hf.training.cpu_allocator import keep_freed_memory
 
     keep_freed_memory()  # on CPU, reuse freed step buffers instead of faulting them back in
     main()

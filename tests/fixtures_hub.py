@@ -52,7 +52,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from huggingface_hub import constants, hf_api
     from transformers.utils import hub as transformers_hub
 
-    from spp_hf import cards
+    from spp_hf.hub import cards
 
     server = HubServer(tokens={TOKEN: "user", OTHER_TOKEN: "someone"}).start()
     cache_dir = tmp_path / "hf-cache"

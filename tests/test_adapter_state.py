@@ -399,10 +399,10 @@ def test_untrusted_regex_is_not_evaluated_on_load(tmp_path):
         assert pattern != "(.*.*)*X", "the saved regex was evaluated"
         return real(pattern, *a, **k)
 
-    import spp_hf.model
+    import spp_hf.adapters.model
 
     monkey = pytest.MonkeyPatch()
-    monkey.setattr(spp_hf.model.re, "fullmatch", guarded)
+    monkey.setattr(spp_hf.adapters.model.re, "fullmatch", guarded)
     try:
         merged = SPPModel.from_pretrained(tmp_path, base_model=pruned())
         fresh = get_spp_model(pruned(), SPPConfig(r=8))
@@ -468,7 +468,7 @@ BAD_FINGERPRINTS = {
 def test_malformed_fingerprint_is_refused_naming_field_and_fix(tmp_path, case):
     """Refused when the config is built (in code, from_dict, from a file), never a raw TypeError later."""
     from spp_hf import MaskedLoRAConfig
-    from spp_hf.config import AdapterConfig
+    from spp_hf.adapters.config import AdapterConfig
 
     change, where = BAD_FINGERPRINTS[case]
     model = get_spp_model(pruned(), SPPConfig(r=8))

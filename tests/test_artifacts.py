@@ -1,4 +1,4 @@
-"""spp_hf.artifacts: permissions, kept entries, recovery, readable errors, model folders with sparsity.json."""
+"""spp_hf.storage: permissions, kept entries, recovery, readable errors, model folders with sparsity.json."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import make_tiny_model, prune_magnitude_nm_
 
-from spp_hf import artifacts
-from spp_hf.artifacts import (
+from spp_hf import storage as artifacts
+from spp_hf.storage import (
     CONFIG_NAME,
     SPARSITY_NAME,
     WEIGHTS_NAME,

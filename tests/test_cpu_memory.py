@@ -9,7 +9,7 @@ import pytest
 
 SCRIPT = """
 import sys, torch
-from spp_hf.cpu_memory import keep_freed_memory
+from spp_hf.training.cpu_allocator import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory() is True
 def rss_mb():

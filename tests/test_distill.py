@@ -10,8 +10,8 @@ from datasets import Dataset
 from fixtures_trainer import alpaca_records, char_tokenizer, single_thread, spp_tensors, tiny_pruned_base  # noqa: F401
 
 from spp_hf import SPPConfig, SPPSFTTrainer
-from spp_hf.distill import DistillSFTTrainer, distillation_loss
-from spp_hf.trainer import SPPSFTConfig
+from spp_hf.training.distillation import DistillSFTTrainer, distillation_loss
+from spp_hf.training.trainer import SPPSFTConfig
 
 
 def _batch(seed: int = 0, vocab: int = 11):

@@ -64,7 +64,7 @@ FSDP2_WORKER = textwrap.dedent(
     from torch.distributed.tensor import DTensor
     from fixtures_trainer import tiny_pruned_base
     from spp_hf import SPPConfig, get_spp_model
-    from spp_hf.sharding import gather_spp_state, load_spp_state, spp_mask_fingerprint
+    from spp_hf.adapters.sharded_state import gather_spp_state, load_spp_state, spp_mask_fingerprint
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

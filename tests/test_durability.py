@@ -18,8 +18,8 @@ import torch
 from conftest import make_tiny_model
 from transformers import AutoModelForCausalLM
 
-from spp_hf import artifacts
-from spp_hf.artifacts import (
+from spp_hf import storage as artifacts
+from spp_hf.storage import (
     CONFIG_NAME,
     read_adapter_files,
     read_sparsity_json,

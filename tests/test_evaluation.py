@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from spp_hf import SPPConfig, get_spp_model
 from spp_hf.cli import main as cli_main
-from spp_hf.evaluation import (
+from spp_hf.pipeline.evaluation import (
     OFFLINE_TASKS,
     corpus_perplexity,
     evaluate_model,
@@ -30,8 +30,8 @@ from spp_hf.evaluation import (
     zero_shot,
 )
 
-ZEROSHOT_DIR = TASKS_DIR.parent / "data" / "zeroshot"
-# prompt of each bundled task: doc_to_text of spp_hf/tasks/spp_<name>.yaml, then " " + choice
+ZEROSHOT_DIR = TASKS_DIR.parent / "zeroshot"
+# prompt of each bundled task: doc_to_text of spp_hf/data/tasks/spp_<name>.yaml, then " " + choice
 PROMPTS = {"spp_arc_easy": ("arc_easy.jsonl", "{query}\nAnswer:"), "spp_copa": ("copa.jsonl", "{query}"),
            "spp_boolq": ("boolq.jsonl", "{query}\nAnswer:"), "spp_openbookqa": ("openbook_qa.jsonl", "{query}"),
            "spp_arc_challenge": ("arc_challenge.jsonl", "{query}\nAnswer:")}  # fmt: skip
@@ -168,7 +168,7 @@ def test_perplexity_equals_labels_loss_reference(arch):
 
 
 def test_corpus_perplexity_scores_the_joined_documents_like_wikitext2():
-    from spp_hf.corpora import documents
+    from spp_hf.data.corpora import documents
 
     model, tok = tiny_byte_model(), byte_tokenizer()
     ids = tok("\n\n".join(documents("c4-heldout")), return_tensors="pt").input_ids[0]

@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from spp_hf import SPPConfig, SPPMismatchError, SPPModel, get_spp_model
-from spp_hf.cards import render_pruned_base_card
+from spp_hf.hub.cards import render_pruned_base_card
 from spp_hf.cli import main as cli_main
-from spp_hf.hub import (
+from spp_hf.hub.transfer import (
     SPPHubError,
     base_model_errors,
     download_adapter,
@@ -233,7 +233,7 @@ def test_offline_mode_loads_from_the_cache(hub, tmp_path, monkeypatch):  # noqa:
         f"""
         import sys, torch
         from spp_hf import SPPModel
-        from spp_hf.hub import SPPHubError
+        from spp_hf.hub.transfer import SPPHubError
         ids = torch.tensor({IDS.tolist()})
         torch.save(SPPModel.from_pretrained("{ADAPTER}")(ids).logits, sys.argv[1])
         try:

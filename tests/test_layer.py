@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from spp_hf import SPPConfig, SPPLinear
-from spp_hf.layer import _FusedSPP, spp_branch_blocked, spp_branch_naive
+from spp_hf.adapters.layer import _FusedSPP, spp_branch_blocked, spp_branch_naive
 
 IMPLS = ["naive", "blocked", "fused"]
 
@@ -230,7 +230,7 @@ def test_unwrappable_module_is_refused():
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize("sliced", [False, True])  # factor gradients reduced per chunk, or in row slices
 def test_fused_chunking_is_exact(monkeypatch, chunk_bytes, dropout, sliced):
-    import spp_hf.layer as layer_mod
+    import spp_hf.adapters.layer as layer_mod
 
     monkeypatch.setattr(layer_mod, "CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(layer_mod, "SLICE_ABOVE_ELEMENTS", 0 if sliced else 1 << 22)
@@ -256,7 +256,7 @@ def test_a_second_adapter_kind_plugs_in(monkeypatch):
 
     import torch.nn.functional as F
 
-    import spp_hf.layer as layer_mod
+    import spp_hf.adapters.layer as layer_mod
 
     monkeypatch.setattr(layer_mod, "ADAPTER_KINDS", dict(layer_mod.ADAPTER_KINDS))
     monkeypatch.setattr(SPPLinear, "adapter_layer_names", SPPLinear.adapter_layer_names)
@@ -337,7 +337,7 @@ def test_trainable_base_gets_the_formula_gradient(impl, base, train_weight):
 
 
 def test_fused_function_refuses_a_trainable_weight():
-    from spp_hf.layer import spp_fused
+    from spp_hf.adapters.layer import spp_fused
 
     lin = sparse_linear(m=16, n=8)
     alpha = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_tiny_model, prune_magnitude_nm_
 
-from spp_hf.masked_full import KeepZerosCallback, MaskKeeper
+from spp_hf.training.masked_full import KeepZerosCallback, MaskKeeper
 from spp_hf.sparsity import iter_linear_weights
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from spp_hf import MaskedLoRAConfig, SPPConfig, SPPLinear, SPPModel, get_spp_model
-from spp_hf.config import AdapterConfig
+from spp_hf.adapters.config import AdapterConfig
 from spp_hf.sparsity import iter_linear_weights
 
 ARCHS = ["llama", "mistral", "qwen2", "gpt2"]
@@ -236,7 +236,7 @@ def test_trainer_trains_and_resumes_masked_lora(tmp_path):
     from fixtures_trainer import alpaca_records, char_tokenizer, tiny_pruned_base
 
     from spp_hf import SPPSFTTrainer
-    from spp_hf.trainer import SPPSFTConfig
+    from spp_hf.training.trainer import SPPSFTConfig
 
     data = Dataset.from_list([{"text": f"{r['instruction']}\n{r['output']}"} for r in alpaca_records(8)])
 
@@ -369,8 +369,8 @@ def test_inspect_and_merge_cli_on_a_masked_lora_adapter(tmp_path, capsys):
 def test_push_and_from_pretrained_over_the_hub(hub, tmp_path, monkeypatch):  # noqa: F811
     from huggingface_hub import constants
 
-    from spp_hf.artifacts import model_sparsity_record, write_model_folder
-    from spp_hf.hub import push_folder
+    from spp_hf.storage import model_sparsity_record, write_model_folder
+    from spp_hf.hub.transfer import push_folder
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     base = pruned()
@@ -448,7 +448,7 @@ def test_smollm2_masked_lora_round_trip(smollm2_dir, tmp_path):
 
 
 def test_describe_folder_tells_the_methods_apart(tmp_path):
-    from spp_hf.hub import describe_folder
+    from spp_hf.hub.transfer import describe_folder
 
     get_spp_model(pruned(), ml_config()).save_pretrained(tmp_path / "ml")
     get_spp_model(pruned(), SPPConfig(r=4)).save_pretrained(tmp_path / "spp")
@@ -461,7 +461,7 @@ def test_publish_a_run_with_a_masked_lora_variant(hub, tmp_path, monkeypatch):  
     adapter then loads anywhere and equals the published merged model, with the base's zeros."""
     from huggingface_hub import constants
 
-    from spp_hf.artifacts import model_sparsity_record, write_model_folder
+    from spp_hf.storage import model_sparsity_record, write_model_folder
     from spp_hf.cli import main as cli_main
 
     run = tmp_path / "runs" / "ml"

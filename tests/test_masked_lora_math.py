@@ -1,4 +1,4 @@
-"""Masked LoRA math (spp_hf.masked_lora) against the formula written out plainly here:
+"""Masked LoRA math (spp_hf.adapters.masked_lora) against the formula written out plainly here:
 
     Y = X Wᵀ + b + s · Dropout(X) ((B A) ⊙ (W ≠ 0))ᵀ,   merged weight W + s · (B A) ⊙ (W ≠ 0).
 """
@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-import spp_hf.layer as layer_mod
-from spp_hf.masked_lora import (
+import spp_hf.adapters.layer as layer_mod
+from spp_hf.adapters.masked_lora import (
     _FusedMaskedLoRA,
     init_masked_lora,
     masked_lora_branch_naive,
@@ -127,7 +127,7 @@ def test_fused_chunking_is_exact(monkeypatch, chunk_bytes, dropout):
 
 def test_chunking_uses_several_chunks(monkeypatch):
     """The knob is live: a small CHUNK_BYTES makes the fused forward build W_eff in several pieces."""
-    from spp_hf import masked_lora
+    from spp_hf.adapters import masked_lora
 
     monkeypatch.setattr(layer_mod, "CHUNK_BYTES", 8 * 8 * 5)
     assert list(masked_lora._row_chunks(13, 8, 8)) == [(0, 5), (5, 10), (10, 13)]

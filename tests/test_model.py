@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
 
 from spp_hf import SPPConfig, SPPLinear, SPPMismatchError, SPPModel, get_spp_model, sparsity_report
-from spp_hf.model import SPPModelMixin
+from spp_hf.adapters.model import SPPModelMixin
 
 ARCHS = ["llama", "mistral", "qwen2", "gpt2"]
 TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"]}
@@ -272,12 +272,12 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path)
     good = (tmp_path / "spp_adapter.safetensors").read_bytes()
     train_steps(model)
-    import spp_hf.artifacts
+    import spp_hf.storage
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(spp_hf.artifacts, "save_file", boom)  # the one writer of adapter weights
+    monkeypatch.setattr(spp_hf.storage, "save_file", boom)  # the one writer of adapter weights
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "spp_adapter.safetensors").read_bytes() == good
@@ -312,7 +312,7 @@ def test_sparsity_report_detects_patterns():
 
 def test_quantized_base_merge_refused():
     bnb = pytest.importorskip("bitsandbytes")
-    from spp_hf.weights import set_dense_weight
+    from spp_hf.layer_weights import set_dense_weight
 
     layer = bnb.nn.Linear4bit(64, 64, bias=False)
     with pytest.raises(TypeError, match="full-precision"):

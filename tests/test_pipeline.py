@@ -12,8 +12,8 @@ from conftest import TINY
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from spp_hf.cli import main as cli_main
-from spp_hf.methods import get_method
-from spp_hf.pipeline import PipelineConfig, _variant_config, apply_overrides, check_data_separation, gap_closed, run_pipeline, variants
+from spp_hf.pipeline.methods import get_method
+from spp_hf.pipeline.run import PipelineConfig, _variant_config, apply_overrides, check_data_separation, gap_closed, run_pipeline, variants
 from spp_hf.sparsity import iter_linear_weights
 
 
@@ -114,8 +114,8 @@ def test_pipeline_compares_every_method_resumes_and_keeps_zeros(tiny_dense, tmp_
 def test_a_merged_model_without_the_base_zeros_is_not_saved(tmp_path):
     from conftest import make_tiny_model, prune_magnitude_nm_
 
-    from spp_hf.methods import Prepared
-    from spp_hf.pipeline import Variant, linear_fingerprint, save_merged
+    from spp_hf.pipeline.methods import Prepared
+    from spp_hf.pipeline.run import Variant, linear_fingerprint, save_merged
 
     model = make_tiny_model("llama")
     prune_magnitude_nm_(model)
@@ -165,12 +165,12 @@ def test_pipeline_distils_every_method_from_the_dense_model(tiny_dense, tmp_path
 
 def test_a_tuning_run_never_evaluates_wikitext2_test(tiny_dense, tmp_path, monkeypatch):
     """eval.ppl_windows=0: learning-rate probes are scored on the validation split and never touch WikiText-2 test."""
-    import spp_hf.evaluation
+    import spp_hf.pipeline.evaluation
 
     def refuse(*args, **kwargs):
         raise AssertionError("WikiText-2 test was evaluated")
 
-    monkeypatch.setattr(spp_hf.evaluation, "_load_wikitext2", refuse)
+    monkeypatch.setattr(spp_hf.pipeline.evaluation, "_load_wikitext2", refuse)
     items = FAST + ["train.max_steps=2", "methods=[spp]", "eval.ppl_windows=0", "eval.heldout=wiki-validation", "eval.tasks=none"]
     report = _run(tiny_dense, tmp_path, "probe", items).read_text()
     records = {v: json.loads((tmp_path / "probe" / "eval" / f"{v}.json").read_text()) for v in ("dense", "pruned", "spp_s0")}
@@ -211,7 +211,7 @@ RECOVERY = ("smollm2_wanda24_recovery.yaml", "smollm2_wanda75_recovery.yaml")
 
 @pytest.mark.parametrize("config", RECOVERY)
 def test_shipped_recovery_configs_train_once_on_shipped_text(config, smollm2_dir):
-    from spp_hf.alpaca import load_sft_data
+    from spp_hf.data.training_data import load_sft_data
 
     cfg = PipelineConfig.from_yaml(Path(__file__).resolve().parents[1] / "recipes" / "configs" / config)
     runs = variants(cfg)
@@ -277,7 +277,7 @@ def test_variants_expand_methods_seeds_and_settings():
     assert [(v.name, v.method, v.seed) for v in runs] == [
         ("spp_s3", "spp", 3), ("spp_s4", "spp", 4), ("lora_star_s7", "lora_star", 7), ("drop_s3", "spp", 3), ("drop_s4", "spp", 4)
     ]  # fmt: skip
-    from spp_hf.pipeline import _variant_config
+    from spp_hf.pipeline.run import _variant_config
 
     drop = _variant_config(cfg, runs[-1].overrides, runs[-1].seed)
     assert drop.train.dropout == 0.05 and drop.train.r == 4 and drop.train.seed == 4 and cfg.train.dropout == 0.0
@@ -293,7 +293,7 @@ def test_variants_expand_methods_seeds_and_settings():
 
 
 def test_heldout_texts_are_disjoint_from_training_and_calibration():
-    from spp_hf.corpora import C4_SAMPLE_FILE, WIKI_TRAIN_FILE, WIKI_VALIDATION_FILE, documents, read_jsonl
+    from spp_hf.data.corpora import C4_SAMPLE_FILE, WIKI_TRAIN_FILE, WIKI_VALIDATION_FILE, documents, read_jsonl
 
     calibration, heldout = documents("c4-sample"), documents("c4-heldout")
     assert len(calibration) == len(heldout) == 100 and not set(calibration) & set(heldout)
@@ -312,8 +312,8 @@ def test_heldout_texts_are_disjoint_from_training_and_calibration():
 def test_a_registered_method_joins_the_comparison(tiny_dense, tmp_path):
     """Adding a method is one register() call: here an SPP adapter of rank 4, trained and merged like SPP
     (the way masked LoRA joins: adapter_method(lambda cfg: <its config>))."""
-    from spp_hf.config import SPPConfig
-    from spp_hf.methods import METHODS, Method, adapter_method, register
+    from spp_hf.adapters.config import SPPConfig
+    from spp_hf.pipeline.methods import METHODS, Method, adapter_method, register
 
     make = lambda cfg: SPPConfig(r=4, target_modules=list(cfg.train.target_modules))  # noqa: E731
     register("spp_rank4", Method("SPP r=4", lambda cfg: cfg.train.learning_rate, adapter_method(make)))

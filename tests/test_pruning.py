@@ -23,7 +23,7 @@ from spp_hf.pruning.masks import SparsitySpec, mask_from_scores
 from spp_hf.pruning.sparsegpt import Hessian, sparsegpt_prune_
 from spp_hf.pruning.wanda import InputNorms, prune_wanda_
 from spp_hf.sparsity import fingerprint_modules, sparsity_report
-from spp_hf.weights import dense_weight
+from spp_hf.layer_weights import dense_weight
 
 REPO = Path(__file__).resolve().parents[1]
 CALIB = REPO / "spp_hf" / "data" / "calib" / "c4_demo.jsonl"
@@ -188,7 +188,7 @@ def reference_sequential_wanda(model: nn.Module, ids: torch.Tensor, blocks, rati
 
 
 def dense_weight_or_none(module: nn.Module):
-    from spp_hf.weights import is_linear_like
+    from spp_hf.layer_weights import is_linear_like
 
     return dense_weight(module) if is_linear_like(module) else None
 
@@ -586,7 +586,7 @@ def test_save_pruned_refuses_a_users_folder_and_a_merged_model(tmp_path):
     with pytest.raises(FileExistsError, match="not a model folder spp-hf wrote"):
         save_pruned(model, None, user, report)
     assert sorted(p.name for p in user.iterdir()) == ["data.csv"]
-    from spp_hf.artifacts import model_sparsity_record, write_model_folder
+    from spp_hf.storage import model_sparsity_record, write_model_folder
 
     merged = write_model_folder(model, None, tmp_path / "merged", "card", model_sparsity_record(model, "merged"))
     with pytest.raises(FileExistsError, match="an spp-hf merged folder"):

@@ -19,10 +19,10 @@ from huggingface_hub import ModelCard, constants
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from spp_hf import SPPModel
-from spp_hf.artifacts import model_sparsity_record, write_model_folder
+from spp_hf.storage import model_sparsity_record, write_model_folder
 from spp_hf.cli import main as cli_main
-from spp_hf.hub import SPPHubError, base_commit, push_folder
-from spp_hf.publish import run_artifacts
+from spp_hf.hub.transfer import SPPHubError, base_commit, push_folder
+from spp_hf.hub.publish import run_artifacts
 from spp_hf.sparsity import iter_linear_weights
 
 REPO = "user/tiny-wanda24"
@@ -155,7 +155,7 @@ def test_base_commit_is_the_loaded_revision_not_main(hub, tmp_path, monkeypatch)
 
 def test_push_folder_leaves_out_local_paths(hub, tmp_path, monkeypatch):  # noqa: F811
     """A pruned base made from a local model (what `spp-hf prune --model DIR --push-to-hub` pushes)."""
-    from spp_hf.cards import render_pruned_base_card
+    from spp_hf.hub.cards import render_pruned_base_card
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     dense = tmp_path / "dense-model"
@@ -179,8 +179,8 @@ def test_push_folder_leaves_out_local_paths(hub, tmp_path, monkeypatch):  # noqa
 
 def test_push_adapter_folder_skips_trainer_checkpoints(hub, tmp_path, monkeypatch):  # noqa: F811
     """An adapter saved in a Trainer's output_dir: named adapters go up, checkpoint-N folders do not."""
-    from spp_hf.artifacts import AdapterFiles, write_adapter_files_in_place, write_adapters
-    from spp_hf.hub import push_adapter_folder
+    from spp_hf.storage import AdapterFiles, write_adapter_files_in_place, write_adapters
+    from spp_hf.hub.transfer import push_adapter_folder
     from spp_hf.sparsity import fingerprint_modules
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -206,7 +206,7 @@ def test_push_adapter_folder_skips_trainer_checkpoints(hub, tmp_path, monkeypatc
 
 def test_publish_describes_each_merged_baseline_by_its_own_method(hub, tmp_path, monkeypatch):  # noqa: F811
     """Masked full fine-tuning re-applies nothing: its merged model's card is not LoRA*'s."""
-    from spp_hf.publish import publish_run
+    from spp_hf.hub.publish import publish_run
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     run = tmp_path / "run"

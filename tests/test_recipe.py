@@ -96,7 +96,7 @@ def test_alpaca_data_from_json_jsonl_and_the_bundled_sample(tmp_path):
 
 
 def test_sft_data_tells_alpaca_from_plain_text(tmp_path):
-    from spp_hf.alpaca import load_sft_data
+    from spp_hf.data.training_data import load_sft_data
 
     records = alpaca_records(3)
     (tmp_path / "a.json").write_text(json.dumps(records))

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from spp_hf import SPPConfig, SPPModel, SPPSFTTrainer, get_spp_model
-from spp_hf.layer import repeat_alpha
-from spp_hf.trainer import SparsityGuardError, SPPSFTConfig, bf16_available
+from spp_hf.adapters.layer import repeat_alpha
+from spp_hf.training.trainer import SparsityGuardError, SPPSFTConfig, bf16_available
 
 ADAPTER = {"spp_config.json", "spp_adapter.safetensors", "README.md"}
 CHECKPOINT = ADAPTER | {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"}
@@ -228,7 +228,7 @@ def test_checkpoint_weights_keep_the_conv1d_layout_of_square_weights(tmp_path):
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
-    from spp_hf.trainer import _checkpoint_weights, _stored_transposed
+    from spp_hf.training.trainer import _checkpoint_weights, _stored_transposed
 
     base = make_tiny_model("gpt2")
     prune_magnitude_nm_(base)
@@ -344,8 +344,8 @@ def test_nf4_base_on_gpu_with_bf16(tmp_path):
 
 def push_tiny_base(tmp_path, repo_id: str) -> str:
     """Push the tiny pruned base with its sparsity.json (as spp-hf writes it) and return the commit sha."""
-    from spp_hf.artifacts import model_sparsity_record, write_model_folder
-    from spp_hf.hub import push_folder
+    from spp_hf.storage import model_sparsity_record, write_model_folder
+    from spp_hf.hub.transfer import push_folder
 
     base = tiny_pruned_base()
     write_model_folder(base, char_tokenizer(), tmp_path / "base", "# tiny base\n", model_sparsity_record(base, "pruned-base"))
@@ -386,7 +386,7 @@ def test_push_to_hub_with_a_local_base_is_refused_before_training(tmp_path, monk
     """The first push would refuse a base that is not on the Hub, after training: refuse in the constructor."""
     from trl import SFTTrainer
 
-    from spp_hf.hub import SPPHubError
+    from spp_hf.hub.transfer import SPPHubError
 
     def never(*args, **kwargs):
         raise AssertionError("the refused trainer loaded the base or started setting up training")

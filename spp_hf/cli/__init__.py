@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import evaluation, pipeline
-from . import hub, inspect, prune
+from ..pipeline import evaluation
+from ..pipeline import run as pipeline
+from . import hub
+from . import inspect
+from . import prune
 
 # each has `register_cli(subparsers)`, adding sub-commands whose `func(args)` runs them
 COMMAND_GROUPS = (prune, hub, inspect, evaluation, pipeline)
@@ -22,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..cpu_memory import keep_freed_memory
+    from ..training.cpu_allocator import keep_freed_memory
 
     keep_freed_memory()  # CPU training and pruning reuse freed buffers instead of faulting them back in
     return int(args.func(args) or 0)

@@ -44,7 +44,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    from ..hub import describe_folder, is_adapter_folder, push_adapter_folder, push_folder
+    from ..hub.transfer import describe_folder, is_adapter_folder, push_adapter_folder, push_folder
 
     folder = Path(args.folder)
     kind = describe_folder(folder)
@@ -63,7 +63,7 @@ def _run_push(args: argparse.Namespace) -> int:
 
 
 def _run_publish(args: argparse.Namespace) -> int:
-    from ..publish import publish_run
+    from ..hub.publish import publish_run
 
     for repo in publish_run(args.run_dir, args.repo_id, merged=args.merged, private=args.private, token=args.token,
                             dense_model=args.dense_model):  # fmt: skip
@@ -72,7 +72,7 @@ def _run_publish(args: argparse.Namespace) -> int:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from ..hub import merge_to_folder
+    from ..hub.transfer import merge_to_folder
 
     eval_results = json.loads(Path(args.eval_results).read_text()) if args.eval_results else None
     out = merge_to_folder(

@@ -1,4 +1,4 @@
-"""`spp-hf inspect`: show and verify an adapter, pruned base or merged model (logic in `spp_hf.inspection`)."""
+"""`spp-hf inspect`: show and verify an adapter, pruned base or merged model (logic in `spp_hf.hub.inspection`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from ..inspection import inspect_target
+    from ..hub.inspection import inspect_target
 
     result = inspect_target(args.target, revision=args.revision, token=args.token)
     print(json.dumps(result.to_dict(), indent=2, default=str) if args.json else result)

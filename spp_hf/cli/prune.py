@@ -39,7 +39,7 @@ def run_prune(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..artifacts import check_model_folder_target
+    from ..storage import check_model_folder_target
     from ..pruning import parse_sparsity, prune, save_pruned
 
     try:  # fail on a bad spec or an output folder spp-hf may not write before loading anything
@@ -65,7 +65,7 @@ def run_prune(args: argparse.Namespace) -> int:
     print(f"{args.method} {report.sparsity}: {report.ratio:.2%} of {len(report.modules)} modules zero "
           f"({report.pattern or 'unstructured'}) in {report.seconds:.1f}s -> {out}")
     if args.push_to_hub:
-        from ..hub import push_folder
+        from ..hub.transfer import push_folder
 
         print(f"pushed to {push_folder(out, args.push_to_hub, private=args.private, commit_message='Upload pruned base with spp-hf')}")
     return 0

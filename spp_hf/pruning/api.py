@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..sparsity import SparsityReport, sparsity_report
-from ..weights import dense_weight, in_out_features, is_linear_like, is_quantized
+from ..layer_weights import dense_weight, in_out_features, is_linear_like, is_quantized
 from .calibration import load_calibration
 from .magnitude import prune_magnitude_
 from .masks import SparsitySpec, parse_sparsity

@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from ..artifacts import SPARSITY_FORMAT_VERSION, SPARSITY_NAME, model_sparsity_record, write_model_folder
-from ..cards import render_pruned_base_card
+from ..storage import SPARSITY_FORMAT_VERSION, SPARSITY_NAME, model_sparsity_record, write_model_folder
+from ..hub.cards import render_pruned_base_card
 from .api import PruneReport
 
 SPARSITY_FILE = SPARSITY_NAME  # the name pruning code has used; the one definition is artifacts.SPARSITY_NAME

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..weights import dense_weight, in_out_features, is_linear_like
+from ..layer_weights import dense_weight, in_out_features, is_linear_like
 
 
 class _StopForward(Exception):

@@ -32,7 +32,7 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .artifacts import atomic_dir
+    from ..storage import atomic_dir
 
     folder = gguf_folder()
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype="float32")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
 
-from .artifacts import CONFIG_NAME, WEIGHTS_NAME, write_json
+from ..storage import CONFIG_NAME, WEIGHTS_NAME, write_json
 
 FORMAT_VERSION = 1
 IMPLS = ("auto", "naive", "blocked", "fused")
@@ -90,7 +90,7 @@ def _check_fingerprint(cls: str, fingerprint: dict | None) -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 

@@ -18,7 +18,7 @@ import gzip
 import json
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent
 C4_SAMPLE_FILE = DATA_DIR / "calib" / "c4_demo.jsonl"
 C4_CALIBRATION_DOCS = 100  # documents [0, 100) calibrate; [100, 200) are held out
 WIKI_TRAIN_FILE = DATA_DIR / "pretrain" / "wikipedia_en_train_1000.jsonl.gz"

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .pipeline import PipelineConfig
+    from .run import PipelineConfig
 
 Zeros = dict[str, torch.Tensor]  # linear weight name -> True where the pruned base is zero
 
@@ -53,7 +53,7 @@ def register(name: str, method: Method) -> None:
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise ValueError(f"Unknown recovery method {name!r}; registered: {sorted(METHODS)} (add one with spp_hf.methods.register).")
+        raise ValueError(f"Unknown recovery method {name!r}; registered: {sorted(METHODS)} (add one with spp_hf.pipeline.methods.register).")
     return METHODS[name]
 
 
@@ -66,7 +66,7 @@ def load_plain(path: str | os.PathLike) -> tuple[nn.Module, Any]:
 
 def linear_zeros(model: nn.Module) -> Zeros:
     """Where each linear weight of `model` is exactly zero."""
-    from .sparsity import iter_linear_weights
+    from ..sparsity import iter_linear_weights
 
     return {name: (w == 0).clone() for name, w in iter_linear_weights(model)}
 
@@ -79,8 +79,8 @@ def baseline_card(label: str, pruned: Path) -> Callable[[nn.Module], str]:
     """The card of a merged baseline (LoRA*, masked full fine-tuning) on the pruned base."""
 
     def card(model: nn.Module) -> str:
-        from .cards import render_baseline_merged_card
-        from .sparsity import sparsity_report
+        from ..hub.cards import render_baseline_merged_card
+        from ..sparsity import sparsity_report
 
         return render_baseline_merged_card(label, str(pruned), sparsity_report(model).to_dict())
 
@@ -94,9 +94,9 @@ def adapter_method(make_config: Callable[["PipelineConfig"], Any], kind: str = "
     `kind` is the merged model's sparsity.json kind."""
 
     def prepare(cfg, pruned, data, args, trainer_kwargs, zeros) -> Prepared:
-        from .cards import render_merged_card
-        from .sparsity import sparsity_report
-        from .trainer import SPPSFTTrainer
+        from ..hub.cards import render_merged_card
+        from ..sparsity import sparsity_report
+        from ..training.trainer import SPPSFTTrainer
 
         config = make_config(cfg)
         trainer = SPPSFTTrainer(
@@ -116,14 +116,14 @@ def adapter_method(make_config: Callable[["PipelineConfig"], Any], kind: str = "
 
 
 def _spp_config(cfg: "PipelineConfig"):
-    from .config import SPPConfig
+    from ..adapters.config import SPPConfig
 
     t = cfg.train
     return SPPConfig(r=t.r, scale=t.scale, dropout=t.dropout, impl=t.impl, target_modules=list(t.target_modules))
 
 
 def _masked_lora_config(cfg: "PipelineConfig"):
-    from .config import MaskedLoRAConfig
+    from ..adapters.config import MaskedLoRAConfig
 
     return MaskedLoRAConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, dropout=cfg.train.dropout, target_modules=list(cfg.train.target_modules)
@@ -135,8 +135,8 @@ def _prepare_lora_star(cfg, pruned, data, args, trainer_kwargs, zeros) -> Prepar
     """LoRA* (paper Table 5): LoRA on the same targets, data and steps, merged, then the pruning mask re-applied."""
     from peft import LoraConfig
 
-    from .distill import DistillSFTTrainer
-    from .sparsity import iter_linear_weights
+    from ..training.distillation import DistillSFTTrainer
+    from ..sparsity import iter_linear_weights
 
     model, tokenizer = load_plain(pruned)
     lora = LoraConfig(
@@ -158,8 +158,8 @@ def _prepare_lora_star(cfg, pruned, data, args, trainer_kwargs, zeros) -> Prepar
 # --------------------------------------------------------------------------- masked full fine-tuning
 def _prepare_masked_full(cfg, pruned, data, args, trainer_kwargs, zeros) -> Prepared:
     """Every non-zero weight of the targeted layers trains; gradients and updates keep the mask."""
-    from .distill import DistillSFTTrainer
-    from .masked_full import KeepZerosCallback, MaskKeeper
+    from ..training.distillation import DistillSFTTrainer
+    from ..training.masked_full import KeepZerosCallback, MaskKeeper
 
     model, tokenizer = load_plain(pruned)
     keeper = MaskKeeper(model, cfg.train.target_modules)
@@ -178,7 +178,7 @@ def _prepare_masked_full(cfg, pruned, data, args, trainer_kwargs, zeros) -> Prep
 def _masked_full_card(pruned: Path, targets: list[str]) -> Callable[[nn.Module], str]:
     # The baseline card template describes LoRA* (mask re-applied after merging), which this is not.
     def card(model: nn.Module) -> str:
-        from .sparsity import sparsity_report
+        from ..sparsity import sparsity_report
 
         report = sparsity_report(model)
         return (

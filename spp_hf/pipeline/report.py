@@ -9,10 +9,10 @@ from pathlib import Path
 from statistics import mean
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .artifacts import atomic_write_text
+from ..storage import atomic_write_text
 
 if TYPE_CHECKING:
-    from .pipeline import PipelineConfig, Variant
+    from .run import PipelineConfig, Variant
 
 TEXT_LABELS = {"wikitext2": "WikiText-2", "wiki-validation": "Wikipedia val.", "c4-heldout": "C4 held-out"}
 
@@ -34,7 +34,7 @@ def saved_fingerprint(model_dir: Path, modules: list[str]) -> dict:
     """Mask fingerprint of `modules` as saved in a checkpoint's safetensors (read without loading the model)."""
     from safetensors import safe_open
 
-    from .sparsity import fingerprint_modules
+    from ..sparsity import fingerprint_modules
 
     tensors = {}
     for file in sorted(model_dir.glob("*.safetensors")):
@@ -56,7 +56,7 @@ def perplexities(record: dict) -> dict[str, float]:
 
 def gaps(results: dict[str, dict], variant: str) -> dict[str, float]:
     """{text: share of the pruned→dense log-perplexity gap that `variant` closes} (texts with both baselines)."""
-    from .pipeline import gap_closed
+    from .run import gap_closed
 
     if "dense" not in results or "pruned" not in results:
         return {}
@@ -239,7 +239,7 @@ def write_report(cfg: "PipelineConfig", runs: Sequence["Variant"], results: dict
         wikitext = (f"WikiText-2 raw test {some['ppl_windows']} windows (rows joined with \"\\n\\n\")" if "ppl_windows" in some
                     else "WikiText-2 test not evaluated (eval.ppl_windows 0)")
         lines += ["", f"Perplexity: windows of {some.get('ppl_seqlen')} tokens; {wikitext}{'; ' + held if held else ''}. "
-                  "The held-out texts are never trained or calibrated on (`spp_hf.corpora`). "
+                  "The held-out texts are never trained or calibrated on (`spp_hf.data.corpora`). "
                   "Gap closed = (log ppl_pruned − log ppl) / (log ppl_pruned − log ppl_dense). "
                   "Zero-shot: accuracy ± lm-eval's standard error. Trainable: the weights a method can change. "
                   f"Peak memory: {next((m['peak_memory_kind'] for m in metrics.values() if m), 'n/a')} while the method "
@@ -274,8 +274,8 @@ def write_report(cfg: "PipelineConfig", runs: Sequence["Variant"], results: dict
 
 def _sparsity_section(run_dir: Path, runs: Sequence["Variant"]) -> list[str]:
     """Each saved merged model's zero masks against the pruned base's, read back from the files (`zero_mask_differences`)."""
-    from .artifacts import read_sparsity_json, sparsity_fingerprint
-    from .sparsity import zero_mask_differences
+    from ..storage import read_sparsity_json, sparsity_fingerprint
+    from ..sparsity import zero_mask_differences
 
     pruned_dir = run_dir / "pruned"
     merged = [v for v in runs if (run_dir / v.name / "merged" / "config.json").exists()]

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import ADAPTER_FILES, CONFIG_NAME, SPARSITY_NAME, read_adapter_files, read_sparsity_json, sparsity_fingerprint
-from .config import AdapterConfig
-from .hub import KIND_HINT_FILES, SPPHubError, explain_hub_error, fetch_sparsity_json
-from .sparsity import zero_mask_differences
+from ..storage import ADAPTER_FILES, CONFIG_NAME, SPARSITY_NAME, read_adapter_files, read_sparsity_json, sparsity_fingerprint
+from ..adapters.config import AdapterConfig
+from .transfer import KIND_HINT_FILES, SPPHubError, explain_hub_error, fetch_sparsity_json
+from ..sparsity import zero_mask_differences
 
 
 @dataclass
@@ -124,7 +124,7 @@ def _weights_fingerprint(folder: Path) -> tuple[dict, dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .sparsity import fingerprint_modules, iter_linear_weights, sparsity_report
+    from ..sparsity import fingerprint_modules, iter_linear_weights, sparsity_report
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     with torch.no_grad():

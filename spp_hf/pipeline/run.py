@@ -1,6 +1,6 @@
 """`spp-hf run`: prune → train every recovery method → merge → evaluate → report.
 
-Every method (`spp_hf.methods`: SPP, LoRA*, masked full fine-tuning, ...) trains on the same pruned
+Every method (`spp_hf.pipeline.methods`: SPP, LoRA*, masked full fine-tuning, ...) trains on the same pruned
 base with the same data, steps and evaluation, at one or more seeds. Every stage writes a folder a
 user could publish, and is skipped when its output already exists, so an interrupted run resumes where
 it stopped (training resumes from its last checkpoint):
@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from .config import DEFAULT_TARGETS
-from .artifacts import atomic_write_text, check_model_folder_target
+from ..adapters.config import DEFAULT_TARGETS
+from ..storage import atomic_write_text, check_model_folder_target
 from .methods import Prepared, get_method, linear_zeros, load_plain
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ BASELINES = ("dense", "pruned")
 class PruneSettings:
     method: str = "wanda"
     sparsity: str = "2:4"
-    # A bundled corpus name (`spp_hf.corpora`; 'c4-sample' is the calibration half of the bundled C4
+    # A bundled corpus name (`spp_hf.data.corpora`; 'c4-sample' is the calibration half of the bundled C4
     # sample, disjoint from the held-out 'c4-heldout'), a local text/jsonl file or a Hub dataset id.
     calibration: str = "c4-sample"
     nsamples: int = 32
@@ -81,7 +81,7 @@ class TrainSettings:
     seed: int = 0  # replaced by each variant's seed (see PipelineConfig.seeds)
     save_steps: int = 20
     gradient_checkpointing: bool = False  # TRL's default is True; a 135M model at 4 × 256 tokens does not need it
-    # 0: the paper's language-modelling loss. > 0: distil from the dense model (`spp_hf.distill`), the
+    # 0: the paper's language-modelling loss. > 0: distil from the dense model (`spp_hf.training.distillation`), the
     # same way for every method: loss = (1 - w)·CE + w·KL(dense ‖ student).
     distill_weight: float = 0.0
 
@@ -117,7 +117,7 @@ class PipelineConfig:
     name: str = "default"
     model: str = "smollm2"  # a path, a Hub id, or 'smollm2' (the offline SmolLM2-135M)
     output_dir: str = "runs"
-    # Recovery methods to compare (names in spp_hf.methods.METHODS, or of `variants` below).
+    # Recovery methods to compare (names in spp_hf.pipeline.methods.METHODS, or of `variants` below).
     methods: list[str] = field(default_factory=lambda: ["spp", "lora_star"])
     seeds: list[int] = field(default_factory=lambda: [0])  # every method trains once per seed
     method_seeds: dict[str, list[int]] = field(default_factory=dict)  # per-method seeds, e.g. {masked_full: [0]}
@@ -276,7 +276,7 @@ def _heldout_names(cfg: PipelineConfig) -> list[str]:
 # --------------------------------------------------------------------------- helpers
 def _resolve_model(name: str) -> str:
     if name == "smollm2":
-        from .smollm2 import smollm2_path
+        from ..data.default_model import smollm2_path
 
         return str(smollm2_path())
     return name
@@ -291,7 +291,7 @@ def _done(path: Path, what: str) -> bool:
 
 
 def _training_args(cfg: PipelineConfig, output_dir: Path, learning_rate: float, packing: bool):
-    from .trainer import SPPSFTConfig
+    from ..training.trainer import SPPSFTConfig
 
     t = cfg.train
     return SPPSFTConfig(
@@ -321,7 +321,7 @@ def _training_args(cfg: PipelineConfig, output_dir: Path, learning_rate: float, 
 
 def _train_data(cfg: PipelineConfig):
     """(rows, packed): Alpaca examples one per sequence, plain text packed into full sequences."""
-    from .alpaca import load_sft_data
+    from ..data.training_data import load_sft_data
 
     return load_sft_data(cfg.train.data, max_samples=cfg.train.max_samples)
 
@@ -362,7 +362,7 @@ def _save_loss_history(trainer, train_dir: Path) -> None:
 
 # --------------------------------------------------------------------------- stages
 def stage_prune(cfg: PipelineConfig) -> Path:
-    from .pruning import prune, save_pruned
+    from ..pruning import prune, save_pruned
 
     out = cfg.run_dir / "pruned"
     if _done(out / "sparsity.json", f"prune {cfg.model} with {cfg.prune.method} {cfg.prune.sparsity}"):
@@ -380,7 +380,7 @@ def stage_prune(cfg: PipelineConfig) -> Path:
 
 def _calibration_file(cfg: PipelineConfig) -> str:
     """A bundled corpus is written to runs/<name>/data/<corpus>.jsonl (the record of what calibrated); others pass through."""
-    from .corpora import CORPORA, documents
+    from ..data.corpora import CORPORA, documents
 
     name = cfg.prune.calibration
     if name not in CORPORA:
@@ -404,7 +404,7 @@ def stage_method(cfg: PipelineConfig, pruned: Path, variant: Variant) -> Path:
     reference = linear_fingerprint(base)  # every linear layer's mask, the bit-for-bit reference of the merged model
     del base
     gc.collect()
-    from .peak_memory import peak_memory, reset_peak_memory
+    from ..training.peak_memory import peak_memory, reset_peak_memory
 
     reset_peak_memory()
     data, packed = _train_data(vcfg)
@@ -432,7 +432,7 @@ def stage_method(cfg: PipelineConfig, pruned: Path, variant: Variant) -> Path:
 
 def linear_fingerprint(model) -> dict:
     """The mask fingerprint of every linear layer of `model` (the output embedding excluded)."""
-    from .sparsity import fingerprint_modules, iter_linear_weights
+    from ..sparsity import fingerprint_modules, iter_linear_weights
 
     with torch.no_grad():
         return fingerprint_modules(iter_linear_weights(model))
@@ -440,7 +440,7 @@ def linear_fingerprint(model) -> dict:
 
 def save_merged(model, tokenizer, out: Path, prepared: Prepared, reference: dict, variant: Variant, data: str) -> None:
     """Write the merged model folder (checkpoint, sparsity.json, card), refused unless its zeros are the base's, bit for bit."""
-    from .artifacts import model_sparsity_record, write_model_folder
+    from ..storage import model_sparsity_record, write_model_folder
 
     try:
         record = model_sparsity_record(

@@ -1,13 +1,13 @@
 """Model cards for what spp-hf publishes: a pruned base, an SPP adapter, and a merged model.
 
 Each card is rendered with `huggingface_hub.ModelCard.from_template` from a Jinja template in
-`model_cards/` (shipped in the package as `spp_hf/cards/*.md`), and its YAML metadata is built as a
+`spp_hf/hub/card_templates/`, and its YAML metadata is built as a
 `ModelCardData`, so it follows the Hub's schema: `base_model` (+ `base_model_relation`),
 `library_name`, `tags` (spp, sparse, pruned, method, pattern), `datasets`, `license` (inherited
 from the base when it can be read), `model-index` when evaluation results are given.
 
 The usage snippet names the repo the card is pushed to; when that is not known yet the card says
-`PLACEHOLDER_REPO_ID`, which `spp_hf.hub.push_folder` replaces with the repo id it pushes to.
+`PLACEHOLDER_REPO_ID`, which `spp_hf.hub.transfer.push_folder` replaces with the repo id it pushes to.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 
-from .config import AdapterConfig, MaskedLoRAConfig
-from .hub import is_hub_id
+from ..adapters.config import AdapterConfig, MaskedLoRAConfig
+from .transfer import is_hub_id
 
 PLACEHOLDER_REPO_ID = "<this-repo-id>"
 KNOWN_METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -208,7 +208,7 @@ def render_baseline_merged_card(
     related: list[tuple[str, str]] | None = None,
     license: str | None = None,  # noqa: A002
 ) -> str:
-    """Card of a merged model trained by a method of `spp_hf.methods` without an spp-hf adapter to cite.
+    """Card of a merged model trained by a method of `spp_hf.pipeline.methods` without an spp-hf adapter to cite.
 
     `method` is the method's registry name ("lora_star", "masked_full", ...) or its label ("LoRA*"); the card
     describes that method (LoRA*: LoRA merged, then the pruning mask re-applied; masked full fine-tuning:
@@ -239,8 +239,8 @@ BASELINE_TITLES = {
 
 
 def _method_key(method: str) -> tuple[str, str]:
-    """(registry name, label) of a method of `spp_hf.methods` named either way; an unknown one is both."""
-    from .methods import METHODS
+    """(registry name, label) of a method of `spp_hf.pipeline.methods` named either way; an unknown one is both."""
+    from ..pipeline.methods import METHODS
 
     if method in METHODS:
         return method, METHODS[method].label
@@ -249,13 +249,10 @@ def _method_key(method: str) -> tuple[str, str]:
 
 def template_path(kind: str) -> Path:
     """The Jinja template of one card kind ("pruned_base", "adapter", "merged", "baseline_merged")."""
-    packaged = importlib.resources.files("spp_hf") / "cards" / f"{kind}.md"
+    packaged = importlib.resources.files("spp_hf.hub") / "card_templates" / f"{kind}.md"
     if packaged.is_file():
         return Path(str(packaged))
-    source_tree = Path(__file__).resolve().parent.parent / "model_cards" / f"{kind}.md"
-    if source_tree.is_file():
-        return source_tree
-    raise FileNotFoundError(f"No model-card template {kind}.md in spp_hf/cards/ or model_cards/: reinstall spp-hf.")
+    raise FileNotFoundError(f"No model-card template {kind}.md in spp_hf/hub/card_templates/: reinstall spp-hf.")
 
 
 def fill_repo_id(text: str, repo_id: str) -> str:
@@ -327,7 +324,7 @@ def _base_file(name_or_path: str, filename: str, revision: str | None) -> Path |
 # --------------------------------------------------------------------------- helpers
 def _is_dataset_id(name: str | None) -> bool:
     """A Hub dataset id, not a local data file or the name of a sample bundled with spp-hf."""
-    from .alpaca import BUNDLED
+    from ..data.training_data import BUNDLED
 
     data_file = bool(name) and str(name).endswith((".json", ".jsonl", ".txt", ".csv", ".parquet"))
     return is_hub_id(name) and name not in BUNDLED and not data_file
@@ -398,7 +395,7 @@ def _report_dict(report: Any) -> dict:
 
 def _model_report(model: Any, names: Iterable[str] | None = None) -> dict:
     """Sparsity report measured on the model's weights, restricted to `names` (the adapter's layers) if given."""
-    from .sparsity import SparsityReport, sparsity_report
+    from ..sparsity import SparsityReport, sparsity_report
 
     report = sparsity_report(model)
     if names is not None:
@@ -514,7 +511,7 @@ def _versions() -> list[tuple[str, str]]:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return [("spp-hf", __version__), ("transformers", transformers.__version__), ("torch", torch.__version__),
             ("huggingface_hub", huggingface_hub.__version__)]  # fmt: skip

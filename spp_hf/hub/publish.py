@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import (
+from ..storage import (
     CONFIG_NAME,
     README_NAME,
     SPARSITY_NAME,
@@ -35,8 +35,8 @@ from .artifacts import (
     sparsity_fingerprint,
     write_adapters,
 )
-from .hub import SPPHubError, is_hub_id, push_folder, verified_base
-from .sparsity import zero_mask_differences
+from .transfer import SPPHubError, is_hub_id, push_folder, verified_base
+from ..sparsity import zero_mask_differences
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -92,7 +92,7 @@ def run_artifacts(run_dir: str | os.PathLike) -> RunArtifacts:
 
 
 def _dense_model(run: Path) -> str | None:
-    from .smollm2 import HUB_ID
+    from ..data.default_model import HUB_ID
 
     try:
         name = json.loads((run / "config.json").read_text()).get("model")
@@ -244,9 +244,9 @@ def _base_mirror(folder: Path, mirror: Path, data: dict, dense: str | None, name
 
 
 def _adapter_mirror(adapter: tuple[dict, dict], mirror: Path, names: dict, suffix: str, sha: str, roots: set[str]) -> Path:
-    from .artifacts import AdapterFiles
+    from ..storage import AdapterFiles
     from .cards import render_adapter_card
-    from .config import AdapterConfig
+    from ..adapters.config import AdapterConfig
 
     config, tensors = adapter
     config = {**_public(config, {}), "base_model_name_or_path": names["base"], "base_model_revision": sha}
@@ -259,7 +259,7 @@ def _merged_mirror(
     variant: RunVariant, mirror: Path, suffix: str, record: dict, names: dict, base_sha: str, roots: set[str]
 ) -> Path:
     from .cards import render_baseline_merged_card, render_merged_card
-    from .config import AdapterConfig
+    from ..adapters.config import AdapterConfig
 
     own = f"{suffix}-merged"
     record = {**_public(record, {str(variant.merged.resolve()): names[own]}), "base_model": names["base"],

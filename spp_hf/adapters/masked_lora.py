@@ -36,7 +36,7 @@ from torch import nn
 
 from . import layer as _layer
 from .layer import _accumulate, _scratch, base_weight_trains, compute_dtype
-from .weights import is_quantized
+from ..layer_weights import is_quantized
 
 
 def check_shapes(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
@@ -125,7 +125,7 @@ def masked_lora_fused(
 
 
 def _row_chunks(m: int, n: int, elem_size: int):
-    """Yield (start, stop) row ranges of about CHUNK_BYTES (spp_hf.layer's knob) of an (m × n) tensor.
+    """Yield (start, stop) row ranges of about CHUNK_BYTES (spp_hf.adapters.layer's knob) of an (m × n) tensor.
 
     Any row split is valid here (no α blocks as in SPP), so chunks need not divide m: the last may be
     shorter.

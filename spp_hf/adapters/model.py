@@ -1,5 +1,5 @@
 """Injecting SPP into a `PreTrainedModel`: target selection, `get_spp_model`, and the `SPPModelMixin`
-(named adapters, merge). Adapter files and `SPPModel.from_pretrained` live in `spp_hf.loading`."""
+(named adapters, merge). Adapter files and `SPPModel.from_pretrained` live in `spp_hf.adapters.loading`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .layer import SPPLinear, adapter_kind, check_adapter_name
-from .weights import in_out_features, is_linear_like
+from ..layer_weights import in_out_features, is_linear_like
 
 _MIXED_CLASSES: dict[type, type] = {}
 
@@ -152,7 +152,7 @@ def fill_base(model: nn.Module, config: AdapterConfig) -> None:
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = name
     if config.base_model_revision is None and config.base_model_name_or_path:
-        from .hub import base_commit  # revision=None: reads the cache only, never the network
+        from ..hub.transfer import base_commit  # revision=None: reads the cache only, never the network
 
         commit = getattr(model.config, "_commit_hash", None) if config.base_model_name_or_path == name else None
         config.base_model_revision = commit or base_commit(config.base_model_name_or_path)
@@ -191,7 +191,7 @@ class SPPModelMixin:
 
         Sharded weights (FSDP2, ZeRO-3) are gathered one layer at a time: call it on every rank.
         """
-        from .sharding import spp_mask_fingerprint
+        from .sharded_state import spp_mask_fingerprint
 
         return spp_mask_fingerprint(self)
 
@@ -363,7 +363,7 @@ class SPPModelMixin:
             return
         save_adapters(self, save_directory, selected_adapters)
         if push_to_hub:
-            from .hub import push_adapter
+            from ..hub.transfer import push_adapter
 
             push_adapter(self, kwargs.get("repo_id") or Path(save_directory).name, folder=save_directory)
 
@@ -399,7 +399,7 @@ class SPPModelMixin:
         **kwargs: Any,
     ) -> str:
         """Upload only the adapter (spp_config.json, spp_adapter.safetensors, README.md with the SPP card)."""
-        from .hub import push_adapter
+        from ..hub.transfer import push_adapter
 
         return push_adapter(
             self, repo_id, private=private, revision=revision, commit_message=commit_message, token=token, create_pr=create_pr

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .artifacts import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, read_adapter_files, write_adapters
+from ..storage import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, read_adapter_files, write_adapters
 from .config import AdapterConfig
 from .layer import ADAPTER_KINDS, check_adapter_name
 from .model import inject_adapter, refuse_if_merged, validate_targets
-from .sparsity import fingerprint_modules, zero_mask_differences
-from .weights import dense_weight
+from ..sparsity import fingerprint_modules, zero_mask_differences
+from ..layer_weights import dense_weight
 
 
 class SPPMismatchError(ValueError):
@@ -29,7 +29,7 @@ def resolve_adapter(path_or_repo: str | os.PathLike, **hub_kwargs: Any) -> Path:
     path = Path(path_or_repo)
     if path.is_dir():
         return path
-    from .hub import download_adapter
+    from ..hub.transfer import download_adapter
 
     return download_adapter(str(path_or_repo), **hub_kwargs)
 
@@ -140,7 +140,7 @@ def save_adapters(model: nn.Module, save_directory: str | os.PathLike, selected_
 
 def adapter_files(model: nn.Module, adapter_name: str) -> AdapterFiles:
     """What goes on disk for one adapter of `model`: its config data, tensors (float64 stored as float32) and card."""
-    from .cards import render_adapter_card
+    from ..hub.cards import render_adapter_card
 
     config = model.spp_config[adapter_name]
     tensors = {k: v.detach().float() if v.dtype == torch.float64 else v.detach() for k, v in model.spp_state_dict(adapter_name).items()}
@@ -186,7 +186,7 @@ def load_base_model(name_or_path: str, revision: str | None = None, **kwargs: An
     """Load a causal-LM base with transformers (a local folder or a Hub repo id)."""
     from transformers import AutoModelForCausalLM
 
-    from .hub import base_model_errors
+    from ..hub.transfer import base_model_errors
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     with base_model_errors(str(name_or_path), revision, kwargs.get("token")):

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .weights import QUANTIZED_MERGE_MESSAGE, dense_weight, in_out_features, is_linear_like, is_quantized, set_dense_weight
+from ..layer_weights import QUANTIZED_MERGE_MESSAGE, dense_weight, in_out_features, is_linear_like, is_quantized, set_dense_weight
 
 
 def repeat_alpha(alpha: torch.Tensor, out_features: int) -> torch.Tensor:

@@ -9,8 +9,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .sparsity import fingerprint_modules
-from .weights import dense_weight
+from ..sparsity import fingerprint_modules
+from ..layer_weights import dense_weight
 
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 

@@ -2,7 +2,7 @@
 
 Perplexity follows Wanda/SparseGPT (test split joined with "\\n\\n", tokenized once, non-overlapping
 windows). Zero-shot accuracy runs lm-evaluation-harness on the model object: the paper's tasks by name
-when the Hub is reachable, or the small subsets bundled with spp-hf (`spp_*` tasks in `spp_hf/tasks/`).
+when the Hub is reachable, or the small subsets bundled with spp-hf (`spp_*` tasks in `spp_hf/data/tasks/`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-TASKS_DIR = PACKAGE_DIR / "tasks"
-WIKITEXT2_FILE = PACKAGE_DIR / "data" / "wikitext2" / "test.jsonl"
+from ..data.corpora import DATA_DIR
+
+TASKS_DIR = DATA_DIR / "tasks"
+WIKITEXT2_FILE = DATA_DIR / "wikitext2" / "test.jsonl"
 
 PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 OFFLINE_TASKS = ("spp_boolq", "spp_arc_easy", "spp_arc_challenge", "spp_openbookqa", "spp_copa")
@@ -193,9 +194,9 @@ def perplexity(
 def corpus_perplexity(
     model: torch.nn.Module, tokenizer: Any, name: str, seqlen: int | None = None, max_windows: int | None = None, batch_size: int = 1
 ) -> PerplexityResult:
-    """Perplexity on a bundled corpus (`spp_hf.corpora`, e.g. the held-out 'wiki-validation' or 'c4-heldout'):
+    """Perplexity on a bundled corpus (`spp_hf.data.corpora`, e.g. the held-out 'wiki-validation' or 'c4-heldout'):
     its documents joined with "\\n\\n" as WikiText-2's rows are, scored like WikiText-2."""
-    from .corpora import documents
+    from ..data.corpora import documents
 
     found = perplexity_result(model, tokenizer, "\n\n".join(documents(name)), seqlen, max_windows, batch_size)
     found.source = name
@@ -312,7 +313,7 @@ def zero_shot(
 # --------------------------------------------------------------------------- whole-model evaluation
 def is_spp_adapter(name_or_path: str | os.PathLike, revision: str | None = None) -> bool:
     """Whether `name_or_path` is an SPP adapter (a folder or Hub repo holding spp_config.json)."""
-    from .config import CONFIG_NAME
+    from ..adapters.config import CONFIG_NAME
 
     path = Path(name_or_path)
     if path.is_dir():
@@ -336,8 +337,8 @@ def load_for_eval(
     """(model, tokenizer, info) for a checkpoint folder / repo id, or an SPP adapter (merged on load)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .config import CONFIG_NAME, AdapterConfig
-    from .loading import SPPModel, resolve_adapter
+    from ..adapters.config import CONFIG_NAME, AdapterConfig
+    from ..adapters.loading import SPPModel, resolve_adapter
 
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
@@ -360,7 +361,7 @@ def load_for_eval(
 
 
 def _describe(model: torch.nn.Module) -> dict:
-    from .sparsity import sparsity_report
+    from ..sparsity import sparsity_report
 
     report = sparsity_report(model)
     spp_layers = getattr(model, "spp_layers", None)
@@ -393,7 +394,7 @@ def evaluate_model(
 ) -> dict:
     """Evaluate a model object (dense, pruned, SPP or merged) or a checkpoint / SPP adapter path.
 
-    `heldout` adds perplexities on bundled corpora (`spp_hf.corpora`, e.g. "wiki-validation", "c4-heldout").
+    `heldout` adds perplexities on bundled corpora (`spp_hf.data.corpora`, e.g. "wiki-validation", "c4-heldout").
     Returns {"model", "perplexity": {"wikitext2": ..., <corpus>: ...}, "zero_shot": {task: ...}, "zero_shot_mean_acc", ...};
     prints a table and, with `out`, writes the dict as JSON (atomically).
     """
@@ -407,7 +408,7 @@ def evaluate_model(
             raise ValueError("evaluate_model(model, tokenizer): pass the tokenizer along with a model object.")
         model = model_or_path.to(device) if device else model_or_path
         info = {"model": getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__, "kind": "model object"}
-    from . import __version__
+    from .. import __version__
 
     results: dict[str, Any] = {**info, **_describe(model), "spp_hf_version": __version__}
     if ppl:
@@ -425,7 +426,7 @@ def evaluate_model(
     if print_table:
         print(format_table(results))
     if out is not None:
-        from .artifacts import atomic_write_text
+        from ..storage import atomic_write_text
 
         atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     return results
@@ -469,7 +470,7 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 
 def _corpus_names() -> list[str]:
-    from .corpora import CORPORA
+    from ..data.corpora import CORPORA
 
     return list(CORPORA)
 

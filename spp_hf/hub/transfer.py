@@ -29,7 +29,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import get_token
 
-from .artifacts import (
+from ..storage import (
     ADAPTER_FILES,
     CONFIG_NAME,
     README_NAME,
@@ -127,7 +127,7 @@ def verified_base(
     as the commit its base was loaded from) that commit is pinned as is; its zeros are checked against the
     base's weights when the adapter is loaded.
     """
-    from .sparsity import zero_mask_differences
+    from ..sparsity import zero_mask_differences
 
     if not is_hub_id(base):
         raise SPPHubError(f"{base!r} is not a Hub repo id; pass the pruned base's repo as ORG/NAME[@REVISION].")
@@ -220,9 +220,9 @@ def _rekeyed(config: dict, tensors: dict, base: str, sha: str, repo_id: str | No
     """An adapter's files with its config pointing at `base`@`sha`. Its own card is kept when the adapter
     already named exactly that base and commit (a Trainer's card with the training details); otherwise a card
     is rendered for the new base."""
-    from .artifacts import AdapterFiles
+    from ..storage import AdapterFiles
     from .cards import render_adapter_card
-    from .config import AdapterConfig
+    from ..adapters.config import AdapterConfig
 
     if (config.get("base_model_name_or_path"), config.get("base_model_revision")) == (base, sha) and card.is_file():
         return AdapterFiles(config, tensors, card.read_text())
@@ -601,8 +601,8 @@ def merge_to_folder(
     adapter's recorded base fingerprint. Optionally pushes the folder to `push_to_hub`.
     """
     from .cards import render_merged_card
-    from .config import AdapterConfig
-    from .loading import SPPModel, resolve_adapter
+    from ..adapters.config import AdapterConfig
+    from ..adapters.loading import SPPModel, resolve_adapter
 
     check_model_folder_target(out, "merged")  # before any download or merge
     out = Path(out)

@@ -9,7 +9,7 @@ from datasets import Dataset, load_dataset
 from .corpora import CORPORA, DATA_DIR, documents
 
 BUNDLED_ALPACA = DATA_DIR / "alpaca" / "alpaca_sample_500.json"
-# Every name of data shipped with spp-hf (the corpora are parts of files: see spp_hf.corpora).
+# Every name of data shipped with spp-hf (the corpora are parts of files: see spp_hf.data.corpora).
 BUNDLED = {"bundled": BUNDLED_ALPACA, **{name: path for name, (path, _, _) in CORPORA.items()}}
 
 PROMPT_INPUT = (
@@ -31,7 +31,7 @@ def alpaca_prompt(instruction: str, input: str | None = None) -> str:
 
 
 def load_records(name: str, split: str = "train") -> Dataset:
-    """Rows of a local JSON/JSONL file, of bundled data ('bundled', or a corpus of `spp_hf.corpora`), or of a Hub dataset."""
+    """Rows of a local JSON/JSONL file, of bundled data ('bundled', or a corpus of `spp_hf.data.corpora`), or of a Hub dataset."""
     if name in CORPORA:
         return Dataset.from_dict({"text": documents(name)})
     path = Path(BUNDLED.get(name, name)).expanduser()

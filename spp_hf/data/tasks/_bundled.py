@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "zeroshot"
+DATA_DIR = Path(__file__).resolve().parent.parent / "zeroshot"
 
 
 def load(file: str, **_: Any):
