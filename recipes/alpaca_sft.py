@@ -22,6 +22,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import torch  # noqa: E402
+from transformers import BitsAndBytesConfig  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
 from spp_hf import MaskedLoRAConfig, SPPConfig, SPPSFTTrainer  # noqa: E402
@@ -34,6 +36,8 @@ from spp_hf.data.training_data import (  # noqa: E402, F401  (the template and l
     to_sft_format,
 )
 from spp_hf.adapters.config import DEFAULT_TARGETS  # noqa: E402
+from spp_hf.data.default_model import smollm2_path  # noqa: E402
+from spp_hf.training.cpu_allocator import keep_freed_memory  # noqa: E402
 from spp_hf.training.trainer import SPPSFTConfig  # noqa: E402
 
 logger = logging.getLogger("alpaca_sft")
@@ -120,8 +124,6 @@ class SPPArguments:
 def resolve_model(name: str) -> str:
     """A model path or repo id; 'smollm2' maps to the offline SmolLM2-135M checkpoint."""
     if name == "smollm2":
-        from spp_hf.data.default_model import smollm2_path
-
         return str(smollm2_path())
     path = Path(name).expanduser()
     return str(path.resolve()) if path.is_dir() else name
@@ -154,9 +156,6 @@ def main(argv: list[str] | None = None) -> SPPSFTTrainer:
         data, eval_data = split["train"], split["test"]
     quantization = None
     if script_args.load_in_4bit:
-        import torch
-        from transformers import BitsAndBytesConfig
-
         compute = torch.bfloat16 if training_args.bf16 else torch.float32
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     trainer = SPPSFTTrainer(
@@ -191,7 +190,5 @@ def _warn_if_dense(trainer: SPPSFTTrainer) -> None:
 
 
 if __name__ == "__main__":
-    from spp_hf.training.cpu_allocator import keep_freed_memory
-
     keep_freed_memory()  # on CPU, reuse freed step buffers instead of faulting them back in
     main()

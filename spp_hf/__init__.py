@@ -1,13 +1,13 @@
 """spp-hf: Sparsity-Preserved Parameter-efficient fine-tuning (SPP) for the Hugging Face stack."""
 
-__version__ = "0.1.0"
-
-from .adapters.config import MaskedLoRAConfig, SPPConfig
 from .adapters.layer import SPPLinear
-from .adapters import masked_lora  # noqa: F401 - registers the masked-LoRA adapter kind with SPPLinear
-from .adapters.loading import SPPMismatchError, SPPModel
+from .adapters.masked_lora import MaskedLoRAConfig
+from .adapters.spp import SPPConfig
+from .adapters.files import SPPMismatchError
+from .adapters.loading import SPPModel
 from .adapters.model import SPPModelMixin, get_spp_model
 from .sparsity import sparsity_report
+from .version import __version__
 
 __all__ = [
     "MaskedLoRAConfig",

@@ -1,16 +1,18 @@
-"""Zero masks, N:M detection, the mask fingerprint that keys an adapter to its base, and `sparsity_report`."""
+"""Zero masks, N:M detection, the mask fingerprint that keys an adapter to its base, `sparsity_report`, and
+`model_sparsity_record` (the sparsity.json of a model folder)."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
 from .layer_weights import dense_weight, is_linear_like
+from .storage import MODEL_KINDS, SPARSITY_FORMAT_VERSION
 
 NM_CANDIDATE_M = (2, 4, 8, 16, 32)
 
@@ -134,15 +136,14 @@ class SparsityReport:
 
 
 def iter_linear_weights(model: nn.Module, include_lm_head: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, dense (out, in) weight) for each linear-like layer; SPP wrappers report their base."""
-    from .adapters.layer import SPPLinear
-
+    """Yield (name, dense (out, in) weight) for each linear-like layer; adapter wrappers (a module holding the
+    linear layer as `base_layer`, as spp-hf's and PEFT's layers do) report their base under their own name."""
     skip = set()
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in model.named_modules():
         if any(name.startswith(s + ".") for s in skip):
             continue
-        if isinstance(module, SPPLinear):
+        if is_linear_like(getattr(module, "base_layer", None)):
             skip.add(name)
             yield name, dense_weight(module.base_layer)
         elif is_linear_like(module):
@@ -161,3 +162,42 @@ def sparsity_report(model: nn.Module, include_lm_head: bool = False) -> Sparsity
             LayerSparsity(name, tuple(weight.shape), zeros, weight.numel(), zeros / weight.numel(), detect_nm(weight))
         )
     return report
+
+
+def model_sparsity_record(
+    model: torch.nn.Module,
+    kind: str,
+    modules: list[str] | None = None,
+    base_mask_fingerprint: dict | None = None,
+    **provenance: Any,
+) -> dict[str, Any]:
+    """The sparsity.json of a model folder: kind, per-layer report, mask fingerprint, provenance.
+
+    `modules` limits the fingerprint to those layers (a pruned base records the layers it pruned);
+    default every linear layer but the output embedding. With `base_mask_fingerprint`, the model must
+    have exactly those zeros (`zero_mask_differences`), else ValueError and nothing is written.
+    """
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
+    with torch.no_grad():
+        weights = dict(iter_linear_weights(model))
+        if modules is not None:
+            missing = [m for m in modules if m not in weights]
+            if missing:
+                raise ValueError(f"The model has no linear layers {missing[:3]}; pass names from iter_linear_weights.")
+            weights = {m: weights[m] for m in modules}
+        found = fingerprint_modules(weights.items())
+        report = sparsity_report(model).to_dict()
+    if base_mask_fingerprint:
+        problems = zero_mask_differences(base_mask_fingerprint, found)
+        if problems:
+            raise ValueError(
+                f"The {kind} model lost its base's zero mask in {len(problems)} layers ({'; '.join(problems[:3])}); "
+                "nothing was written. Re-apply the base's mask before saving."
+            )
+    record: dict[str, Any] = {"format_version": SPARSITY_FORMAT_VERSION, "kind": kind, **report}
+    record.update(provenance)
+    record["mask_fingerprint"] = found
+    if base_mask_fingerprint:
+        record["base_mask_fingerprint"] = base_mask_fingerprint
+    return record

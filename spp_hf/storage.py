@@ -54,6 +54,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+
 CONFIG_NAME = "spp_config.json"
 WEIGHTS_NAME = "spp_adapter.safetensors"
 SPARSITY_NAME = "sparsity.json"
@@ -535,47 +536,6 @@ def sparsity_fingerprint(data: dict | None) -> dict | None:
     return data if "modules" in data and "hash" in data else None
 
 
-def model_sparsity_record(
-    model: torch.nn.Module,
-    kind: str,
-    modules: list[str] | None = None,
-    base_mask_fingerprint: dict | None = None,
-    **provenance: Any,
-) -> dict[str, Any]:
-    """The sparsity.json of a model folder: kind, per-layer report, mask fingerprint, provenance.
-
-    `modules` limits the fingerprint to those layers (a pruned base records the layers it pruned);
-    default every linear layer but the output embedding. With `base_mask_fingerprint`, the model must
-    have exactly those zeros (`sparsity.zero_mask_differences`), else ValueError and nothing is written.
-    """
-    from .sparsity import fingerprint_modules, iter_linear_weights, sparsity_report, zero_mask_differences
-
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
-    with torch.no_grad():
-        weights = dict(iter_linear_weights(model))
-        if modules is not None:
-            missing = [m for m in modules if m not in weights]
-            if missing:
-                raise ValueError(f"The model has no linear layers {missing[:3]}; pass names from iter_linear_weights.")
-            weights = {m: weights[m] for m in modules}
-        found = fingerprint_modules(weights.items())
-        report = sparsity_report(model).to_dict()
-    if base_mask_fingerprint:
-        problems = zero_mask_differences(base_mask_fingerprint, found)
-        if problems:
-            raise ValueError(
-                f"The {kind} model lost its base's zero mask in {len(problems)} layers ({'; '.join(problems[:3])}); "
-                "nothing was written. Re-apply the base's mask before saving."
-            )
-    record: dict[str, Any] = {"format_version": SPARSITY_FORMAT_VERSION, "kind": kind, **report}
-    record.update(provenance)
-    record["mask_fingerprint"] = found
-    if base_mask_fingerprint:
-        record["base_mask_fingerprint"] = base_mask_fingerprint
-    return record
-
-
 def write_model_folder(
     model: torch.nn.Module,
     tokenizer: Any | None,
@@ -585,12 +545,12 @@ def write_model_folder(
 ) -> Path:
     """Write a full model folder (checkpoint, tokenizer, sparsity.json, README.md) as one atomic folder swap.
 
-    Used for pruned bases and merged models; `sparsity` is usually `model_sparsity_record(...)`. Files
+    Used for pruned bases and merged models; `sparsity` is usually `sparsity.model_sparsity_record(...)`. Files
     of an earlier save (stale weight shards, `MODEL_FOLDER_FILES`) do not survive; the user's entries do.
     `directory` must pass `check_model_folder_target` (callers check it before the expensive work too).
     """
     if "mask_fingerprint" not in sparsity:
-        raise ValueError("sparsity must hold a 'mask_fingerprint'; build it with artifacts.model_sparsity_record.")
+        raise ValueError("sparsity must hold a 'mask_fingerprint'; build it with sparsity.model_sparsity_record.")
     check_model_folder_target(directory, sparsity["kind"])
     with atomic_dir(directory, owned=_model_file) as staging:
         model.save_pretrained(staging)

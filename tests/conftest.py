@@ -9,6 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from torch import nn
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -19,6 +20,7 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.pytorch_utils import Conv1D
 
 from spp_hf.training.cpu_allocator import keep_freed_memory
 
@@ -44,17 +46,55 @@ def make_tiny_model(arch: str = "llama", dtype: torch.dtype = torch.float32, see
     return model.to(dtype).eval()
 
 
+def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{layer name: dense (out, in) weight} of every linear layer but the output embedding, written
+    independently of spp-hf (an adapter wrapper's base layer is reported under the wrapper's name)."""
+    head = model.get_output_embeddings()
+    weights = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not head:
+            weights[name.removesuffix(".base_layer")] = module.weight.t() if isinstance(module, Conv1D) else module.weight
+    return weights
+
+
+def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{layer name: weight == 0}: the plain reference every zero-keeping check compares against."""
+    return {name: (weight == 0).clone() for name, weight in linear_weights(model).items()}
+
+
 def prune_magnitude_nm_(model: torch.nn.Module, n: int = 2, m: int = 4) -> None:
     """Independent test helper: N:M magnitude pruning of every linear weight except the LM head."""
-    from spp_hf.sparsity import iter_linear_weights
-
     with torch.no_grad():
-        for _, weight in iter_linear_weights(model):
+        for weight in linear_weights(model).values():
             out_f, in_f = weight.shape
-            groups = weight.reshape(out_f, in_f // m, m)
+            groups = weight.reshape(out_f, in_f // m, m).clone()
             drop = groups.abs().argsort(dim=-1)[..., : m - n]
             groups.scatter_(-1, drop, 0.0)
             weight.copy_(groups.reshape(out_f, in_f))
+
+
+def pruned(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of `arch`, 2:4 magnitude-pruned by the independent helper above."""
+    model = make_tiny_model(arch, dtype=dtype, seed=seed)
+    prune_magnitude_nm_(model)
+    return model
+
+
+def train_steps(model: nn.Module, steps: int = 3, lr: float = 1e-2, seed: int = 0, ids: torch.Tensor | None = None) -> list[float]:
+    """A few AdamW steps on random tokens (or `ids`), so the trainable tensors move away from their init."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        batch = ids if ids is not None else torch.randint(0, 128, (2, 16))
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
 
 
 def rewrite_adapter_config(folder, data: dict) -> None:
@@ -71,9 +111,7 @@ def rewrite_adapter_config(folder, data: dict) -> None:
 
 @pytest.fixture
 def tiny_llama() -> torch.nn.Module:
-    model = make_tiny_model("llama")
-    prune_magnitude_nm_(model)
-    return model
+    return pruned("llama")
 
 
 @pytest.fixture(scope="session")

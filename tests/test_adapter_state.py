@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_model, prune_magnitude_nm_, rewrite_adapter_config
+from conftest import make_tiny_model, prune_magnitude_nm_, pruned, rewrite_adapter_config
 from torch import nn
 
 from spp_hf import SPPConfig, SPPLinear, SPPMismatchError, SPPModel, get_spp_model
@@ -17,12 +17,6 @@ ARCHS = ["llama", "mistral", "qwen2", "gpt2"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"]}
 IDS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
-
-
-def pruned(arch="llama", dtype=torch.float32, seed=0):
-    model = make_tiny_model(arch, dtype=dtype, seed=seed)
-    prune_magnitude_nm_(model)
-    return model
 
 
 def config_for(arch="llama", **kw):

@@ -12,13 +12,13 @@ import pytest
 import torch
 from conftest import make_tiny_model, prune_magnitude_nm_
 
-from spp_hf import storage as artifacts
+from spp_hf import storage
+from spp_hf.sparsity import fingerprint_modules, iter_linear_weights, model_sparsity_record, zero_mask_differences
 from spp_hf.storage import (
     CONFIG_NAME,
     SPARSITY_NAME,
     WEIGHTS_NAME,
     atomic_dir,
-    model_sparsity_record,
     read_adapter_files,
     read_sparsity_json,
     readable_folder,
@@ -26,7 +26,6 @@ from spp_hf.storage import (
     write_adapters,
     write_model_folder,
 )
-from spp_hf.sparsity import fingerprint_modules, iter_linear_weights, zero_mask_differences
 
 
 def mode(path) -> int:
@@ -37,7 +36,7 @@ SPP_CARD = "---\nlibrary_name: spp-hf\ntags:\n- spp-adapter\n---\n# an adapter c
 
 
 def plain_modes(tmp_path) -> tuple[int, int]:
-    """The modes a plain mkdir / new file get here (what the umask gives): the reference for new artifacts."""
+    """The modes a plain mkdir / new file get here (what the umask gives): the reference for new storage."""
     os.mkdir(tmp_path / "ref-dir")
     (tmp_path / "ref-file").write_text("x")
     modes = mode(tmp_path / "ref-dir"), mode(tmp_path / "ref-file")
@@ -55,7 +54,7 @@ def test_new_artifacts_get_the_umask_modes_without_touching_the_umask(tmp_path, 
     assert calls == []  # os.umask is process-wide: reading it races with other threads
     assert mode(folder) == dir_mode
     assert {mode(folder / n) for n in (CONFIG_NAME, WEIGHTS_NAME, "README.md")} == {file_mode}
-    artifacts.write_json(tmp_path / "x.json", {"a": 1})
+    storage.write_json(tmp_path / "x.json", {"a": 1})
     assert mode(tmp_path / "x.json") == file_mode
 
 
@@ -67,9 +66,9 @@ def test_saving_into_a_folder_keeps_its_mode_and_its_files_modes(tmp_path, folde
     os.chmod(folder / CONFIG_NAME, 0o600)
     write_adapter_folder(folder, {"r": 2}, {"w": torch.ones(2)}, SPP_CARD)
     assert mode(folder) == folder_mode and mode(folder / CONFIG_NAME) == 0o600
-    artifacts.write_json(tmp_path / "x.json", {"a": 1})
+    storage.write_json(tmp_path / "x.json", {"a": 1})
     os.chmod(tmp_path / "x.json", 0o640)
-    artifacts.write_json(tmp_path / "x.json", {"a": 2})
+    storage.write_json(tmp_path / "x.json", {"a": 2})
     assert mode(tmp_path / "x.json") == 0o640
 
 
@@ -133,8 +132,8 @@ def test_adapter_round_trip_and_kept_entries(tmp_path):
     (folder / "checkpoint-2").mkdir(parents=True)
     (folder / "checkpoint-2" / "optimizer.pt").write_text("opt")
     tensors = {"x": torch.arange(6.0).reshape(2, 3)}
-    write_adapters(folder, {"": artifacts.AdapterFiles({"r": 2}, tensors, SPP_CARD, {"spp_adapter": "a"}),
-                            "b": artifacts.AdapterFiles({"r": 3}, tensors)})  # fmt: skip
+    write_adapters(folder, {"": storage.AdapterFiles({"r": 2}, tensors, SPP_CARD, {"spp_adapter": "a"}),
+                            "b": storage.AdapterFiles({"r": 3}, tensors)})  # fmt: skip
     from safetensors import safe_open
 
     with safe_open(str(folder / WEIGHTS_NAME), "pt") as handle:
@@ -153,7 +152,7 @@ def test_adapter_round_trip_and_kept_entries(tmp_path):
 @pytest.mark.parametrize("name", ["../x", "a/b", ".", "..", ".hidden"])
 def test_adapter_subfolder_names_stay_inside(tmp_path, name):
     with pytest.raises(ValueError, match="plain folder name"):
-        write_adapters(tmp_path / "out", {"": artifacts.AdapterFiles({}, {}), name: artifacts.AdapterFiles({}, {})})
+        write_adapters(tmp_path / "out", {"": storage.AdapterFiles({}, {}), name: storage.AdapterFiles({}, {})})
     assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()
 
 
@@ -228,7 +227,7 @@ def test_exchange_swaps_two_folders(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "y").mkdir()
     (tmp_path / "x" / "f").write_text("x")
-    if not artifacts.exchange(tmp_path / "x", tmp_path / "y"):
+    if not storage.exchange(tmp_path / "x", tmp_path / "y"):
         pytest.skip("this file system cannot exchange")
     assert (tmp_path / "y" / "f").read_text() == "x" and not (tmp_path / "x" / "f").exists()
 
@@ -264,7 +263,7 @@ def test_zero_mask_differences_lists_every_module():
 
 def test_concurrent_threads_keep_their_modes(tmp_path):
     """Writers in threads: every file ends 0644 (no umask juggling that another thread could observe)."""
-    threads = [threading.Thread(target=artifacts.write_json, args=(tmp_path / f"{i}.json", {"i": i})) for i in range(8)]
+    threads = [threading.Thread(target=storage.write_json, args=(tmp_path / f"{i}.json", {"i": i})) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model, prune_magnitude_nm_
+from conftest import make_tiny_model, prune_magnitude_nm_, pruned
 from fixtures_hub import hub  # noqa: F401 - the fixture
 from huggingface_hub import ModelCard
 
@@ -28,9 +28,7 @@ LM_EVAL_RESULTS = {"arc_easy": {"alias": "arc_easy", "acc,none": 0.625, "acc_std
 
 @pytest.fixture
 def pruned_llama():
-    model = make_tiny_model("llama")
-    prune_magnitude_nm_(model)
-    return model
+    return pruned("llama")
 
 
 def table_rows(text: str) -> dict[str, list[str]]:

@@ -23,6 +23,7 @@ print(rss_mb() - before)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+@pytest.mark.slow
 def test_a_freed_large_tensor_stays_mapped_only_with_keep_freed_memory():
     kept = {}
     for mode in ("glibc", "keep"):

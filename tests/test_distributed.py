@@ -3,6 +3,8 @@ and SPP under FSDP2 `fully_shard` (raw torch, gloo), both against single-process
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -12,6 +14,8 @@ from pathlib import Path
 import torch
 from fixtures_trainer import save_tiny_base, single_thread  # noqa: F401
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow  # launches processes (DDP, FSDP2)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "alpaca_sft.py"

@@ -18,7 +18,8 @@ import torch
 from conftest import make_tiny_model
 from transformers import AutoModelForCausalLM
 
-from spp_hf import storage as artifacts
+from spp_hf import storage
+from spp_hf.sparsity import model_sparsity_record
 from spp_hf.storage import (
     CONFIG_NAME,
     read_adapter_files,
@@ -27,7 +28,7 @@ from spp_hf.storage import (
     write_model_folder,
 )
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")]
 
 
 def version(n: int) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -37,7 +38,7 @@ def version(n: int) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def which_adapter(folder: Path, versions: list[int]) -> int | None:
     """The version a complete adapter folder holds; None if there is no folder; fails on anything else."""
-    if not artifacts.readable_folder(folder).exists():
+    if not storage.readable_folder(folder).exists():
         return None
     config, tensors = read_adapter_files(folder)
     for n in versions:
@@ -64,7 +65,7 @@ def kill_at(n: int, exchange: bool) -> None:
 
     for name in ("rename", "replace", "fsync", "chmod", "unlink", "rmdir"):
         setattr(os, name, counted(getattr(os, name)))
-    artifacts.exchange = counted(artifacts.exchange if exchange else (lambda a, b: False))
+    storage.exchange = counted(storage.exchange if exchange else (lambda a, b: False))
 
 
 def run_child(work, n: int, exchange: bool) -> bool:
@@ -94,7 +95,7 @@ def add_user_content(folder: Path) -> None:
 
 
 def assert_user_content(folder: Path, n: int) -> None:
-    folder = artifacts.readable_folder(folder)
+    folder = storage.readable_folder(folder)
     assert (folder / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n", f"killed at step {n}: .git lost"
     assert (folder / ".gitattributes").is_file() and (folder / "notes.md").read_text() == "mine", f"step {n}"
     assert oct(os.stat(folder).st_mode)[-3:] == "750", f"killed at step {n}: the folder's mode changed"
@@ -112,7 +113,7 @@ def test_adapter_save_killed_at_every_step(tmp_path, exchange, existing):
         real.parent.mkdir()
         os.symlink(real, folder)
     user = existing in ("user-folder", "symlinked-user-folder")
-    if exchange and not artifacts.exchange(tmp_path, tmp_path):
+    if exchange and not storage.exchange(tmp_path, tmp_path):
         pytest.skip("this file system cannot exchange")
     seen = set()
     for n in range(1, 200):
@@ -122,7 +123,7 @@ def test_adapter_save_killed_at_every_step(tmp_path, exchange, existing):
         if existing != "create":
             write_adapter_folder(folder, *version(1), "card 1")
         if user:
-            add_user_content(artifacts.resolve_target(folder))
+            add_user_content(storage.resolve_target(folder))
         finished = run_child(lambda: write_adapter_folder(folder, *version(2), "card 2"), n, exchange)
         found = which_adapter(folder, [1, 2])
         if user:
@@ -143,7 +144,7 @@ def test_adapter_save_killed_at_every_step(tmp_path, exchange, existing):
 def test_model_folder_save_killed_at_every_step(tmp_path):
     folder = tmp_path / "merged"
     models = [make_tiny_model("llama", seed=s) for s in (0, 1)]
-    records = [artifacts.model_sparsity_record(m, "merged") for m in models]
+    records = [model_sparsity_record(m, "merged") for m in models]
     write_model_folder(models[0], None, folder, "card 0", records[0])
     add_user_content(folder)
     seen = set()
@@ -166,14 +167,14 @@ def test_model_folder_save_killed_at_every_step(tmp_path):
 
 def test_json_overwrite_killed_at_every_step(tmp_path):
     path = tmp_path / "eval.json"
-    artifacts.write_json(path, {"v": 1})
+    storage.write_json(path, {"v": 1})
     for n in range(1, 50):
-        finished = run_child(lambda: artifacts.write_json(path, {"v": 2}), n, True)
-        assert artifacts.read_sparsity_json(path) in ({"v": 1}, {"v": 2}) and oct(os.stat(path).st_mode)[-3:] == "644"
+        finished = run_child(lambda: storage.write_json(path, {"v": 2}), n, True)
+        assert storage.read_sparsity_json(path) in ({"v": 1}, {"v": 2}) and oct(os.stat(path).st_mode)[-3:] == "644"
         if finished:
-            assert artifacts.read_sparsity_json(path) == {"v": 2}
+            assert storage.read_sparsity_json(path) == {"v": 2}
             break
-        artifacts.write_json(path, {"v": 1})
+        storage.write_json(path, {"v": 1})
     assert n > 3
 
 
@@ -203,9 +204,9 @@ def test_adapter_save_killed_at_random_moments(tmp_path):
 def test_config_and_weights_from_two_saves_are_refused(tmp_path):
     """A folder written in place (a Trainer checkpoint) and interrupted between its files is detected."""
     folder = tmp_path / "checkpoint"
-    artifacts.write_adapter_files_in_place(folder, *version(1))
+    storage.write_adapter_files_in_place(folder, *version(1))
     old_config = (folder / CONFIG_NAME).read_bytes()
-    artifacts.write_adapter_files_in_place(folder, *version(2))
+    storage.write_adapter_files_in_place(folder, *version(2))
     (folder / CONFIG_NAME).write_bytes(old_config)  # what a kill between the weights and the config leaves
     with pytest.raises(ValueError, match="two different saves"):
         read_adapter_files(folder)

@@ -11,17 +11,26 @@ import pytest
 import torch
 from conftest import TINY, prune_magnitude_nm_
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from spp_hf import SPPConfig, get_spp_model
 from spp_hf.cli import main as cli_main
+from spp_hf.data.corpora import documents
+from spp_hf.pipeline.evaluate_model import evaluate_model
 from spp_hf.pipeline.evaluation import (
     OFFLINE_TASKS,
-    corpus_perplexity,
-    evaluate_model,
     PAPER_TASKS,
     TASKS_DIR,
     WIKITEXT2_FILE,
+    corpus_perplexity,
     load_wikitext2_test,
     perplexity,
     perplexity_result,
@@ -29,6 +38,7 @@ from spp_hf.pipeline.evaluation import (
     window_spans,
     zero_shot,
 )
+from spp_hf.pipeline.results import EvalRecord
 
 ZEROSHOT_DIR = TASKS_DIR.parent / "zeroshot"
 # prompt of each bundled task: doc_to_text of spp_hf/data/tasks/spp_<name>.yaml, then " " + choice
@@ -168,8 +178,6 @@ def test_perplexity_equals_labels_loss_reference(arch):
 
 
 def test_corpus_perplexity_scores_the_joined_documents_like_wikitext2():
-    from spp_hf.data.corpora import documents
-
     model, tok = tiny_byte_model(), byte_tokenizer()
     ids = tok("\n\n".join(documents("c4-heldout")), return_tensors="pt").input_ids[0]
     found = corpus_perplexity(model, tok, "c4-heldout", seqlen=64, max_windows=4)
@@ -247,6 +255,7 @@ def test_cli_eval_checkpoint_and_spp_adapter_write_json(tmp_path, capsys):
         perplexity(model, tok, seqlen=64, max_windows=3), rel=1e-5
     )
     assert found["zero_shot"]["spp_copa"]["n"] == 3 and 0 <= found["zero_shot"]["spp_copa"]["acc"] <= 1
+    assert EvalRecord.from_dict(found).to_dict() == found  # the one record schema the pipeline writes too
 
     reloaded = LlamaForCausalLM.from_pretrained(base_dir)
     spp = get_spp_model(reloaded, SPPConfig(r=4, base_model_name_or_path=str(base_dir)))
@@ -275,8 +284,6 @@ def test_cli_eval_refuses_hub_tasks_offline(tmp_path, monkeypatch, capsys):
 # --------------------------------------------------------------------------- SmolLM2 (real weights)
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(smollm2_dir)
 
 

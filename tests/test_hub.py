@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model, prune_magnitude_nm_
+from conftest import make_tiny_model, prune_magnitude_nm_, train_steps, zero_masks
 from fixtures_hub import OTHER_TOKEN, TOKEN, hub  # noqa: F401 - the fixture
 from hub_server import Repo, git_blob_id, git_tree_id
 from huggingface_hub import ModelCard, constants
@@ -59,27 +59,11 @@ def push_base(tmp_path: Path, seed: int = 0, repo: str = BASE, private: bool = F
     return push_folder(folder, repo, private=private, token=TOKEN).oid
 
 
-def train_steps(model: torch.nn.Module, steps: int = 3, lr: float = 1e-2) -> None:
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for _ in range(steps):
-        ids = torch.randint(0, 128, (2, 16))
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-
-
 def trained_from_hub(base: str = BASE, token: str | None = None) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(base, token=token)
     model = get_spp_model(model, SPPConfig(r=4))
     train_steps(model)
     return model
-
-
-def zero_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: (w == 0).clone() for name, w in iter_linear_weights(model)}
 
 
 def fresh_cache(hub, monkeypatch, name: str) -> Path:  # noqa: F811
@@ -219,6 +203,7 @@ def test_private_repos_need_a_token(hub, tmp_path, monkeypatch):  # noqa: F811
     torch.testing.assert_close(merged(IDS).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_offline_mode_loads_from_the_cache(hub, tmp_path, monkeypatch):  # noqa: F811
     """A real HF_HUB_OFFLINE=1 process (with the server stopped) merges from what an online load cached."""
     monkeypatch.setenv("HF_TOKEN", TOKEN)

@@ -6,7 +6,8 @@ import torch
 from conftest import make_tiny_model, prune_magnitude_nm_
 from safetensors.torch import load_file, save_file
 
-from spp_hf.storage import model_sparsity_record, read_sparsity_json, sparsity_fingerprint, write_model_folder
+from spp_hf.sparsity import model_sparsity_record
+from spp_hf.storage import read_sparsity_json, sparsity_fingerprint, write_model_folder
 from spp_hf.hub.inspection import inspect_target
 
 LAYER = "model.layers.0.mlp.down_proj"

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from spp_hf import SPPConfig, SPPLinear
-from spp_hf.adapters.layer import _FusedSPP, spp_branch_blocked, spp_branch_naive
+from spp_hf.adapters.spp import _FusedSPP, spp_branch_blocked, spp_branch_naive
 
 IMPLS = ["naive", "blocked", "fused"]
 
@@ -230,10 +230,11 @@ def test_unwrappable_module_is_refused():
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize("sliced", [False, True])  # factor gradients reduced per chunk, or in row slices
 def test_fused_chunking_is_exact(monkeypatch, chunk_bytes, dropout, sliced):
-    import spp_hf.adapters.layer as layer_mod
+    import spp_hf.adapters.chunked as chunked
+    import spp_hf.adapters.spp as spp_mod
 
-    monkeypatch.setattr(layer_mod, "CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(layer_mod, "SLICE_ABOVE_ELEMENTS", 0 if sliced else 1 << 22)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(spp_mod, "SLICE_ABOVE_ELEMENTS", 0 if sliced else 1 << 22)
     lin = sparse_linear(m=96, n=16, bias=True)
     w = lin.weight.detach()
     alpha = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
@@ -247,57 +248,6 @@ def test_fused_chunking_is_exact(monkeypatch, chunk_bytes, dropout, sliced):
     if dropout == 0.0:
         torch.testing.assert_close(fused(x, alpha, beta), paper_reference(x, w, lin.bias.detach(), alpha, beta, 2.0))
     assert torch.autograd.gradcheck(fused, (x, alpha, beta))
-
-
-def test_a_second_adapter_kind_plugs_in(monkeypatch):
-    """Another config class + its ParameterDicts + math functions: the layer dispatches on the config type,
-    and named adapters, trainability, merge and unmerge work for it unchanged (a per-row gain g as the toy)."""
-    from dataclasses import dataclass
-
-    import torch.nn.functional as F
-
-    import spp_hf.adapters.layer as layer_mod
-
-    monkeypatch.setattr(layer_mod, "ADAPTER_KINDS", dict(layer_mod.ADAPTER_KINDS))
-    monkeypatch.setattr(SPPLinear, "adapter_layer_names", SPPLinear.adapter_layer_names)
-    monkeypatch.setattr(SPPLinear, "other_param_names", SPPLinear.other_param_names)
-
-    @dataclass
-    class GainConfig:
-        scale: float = 0.5
-
-    def forward(layer, name, x):  # Y = X Wᵀ + s·X (W ⊙ g)ᵀ
-        return layer.base_layer(x) + layer.gain_scale[name] * F.linear(x, layer.weight * layer.toy_g[name])
-
-    layer_mod.register_adapter_kind(
-        layer_mod.AdapterKind(
-            config_class=GainConfig, param_names=("toy_g",), setting_names=("gain_scale",),
-            settings=lambda c: {"gain_scale": c.scale}, validate=lambda i, o, c, n: None,
-            init=lambda layer, c, device: {"toy_g": torch.zeros(layer.out_features, 1, device=device)},
-            trainable=lambda s: ("toy_g",), forward=forward,
-            merged_weight=lambda layer, name, w: w * (1 + layer.gain_scale[name] * layer.toy_g[name].to(w.dtype)),
-        )
-    )  # fmt: skip
-    lin = sparse_linear(dtype=torch.float32)
-    original = lin.weight.detach().clone()
-    layer = spp(lin, r=4)
-    layer.update_layer("gain", GainConfig())
-    assert layer.adapter_names == ["default", "gain"] and layer.active_adapter == "default"
-    layer.set_adapter("gain")
-    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["toy_g.gain"]
-    with torch.no_grad():
-        layer.adapter_parameters()["toy_g"].copy_(torch.randn(48, 1))
-    g = layer.toy_g["gain"].detach()
-    x = torch.randn(5, 32)
-    ref = x @ (lin.weight * (1 + 0.5 * g)).T + lin.bias
-    torch.testing.assert_close(layer(x), ref)
-    layer.merge()
-    torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
-    assert torch.equal(lin.weight == 0, original == 0)
-    layer.unmerge()
-    assert torch.equal(lin.weight, original)
-    layer.set_adapter("default")
-    torch.testing.assert_close(layer(x), lin(x))  # SPP β = 0
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -337,7 +287,7 @@ def test_trainable_base_gets_the_formula_gradient(impl, base, train_weight):
 
 
 def test_fused_function_refuses_a_trainable_weight():
-    from spp_hf.adapters.layer import spp_fused
+    from spp_hf.adapters.spp import spp_fused
 
     lin = sparse_linear(m=16, n=8)
     alpha = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_model, prune_magnitude_nm_
+from conftest import make_tiny_model, prune_magnitude_nm_, pruned, train_steps, zero_masks
 from fixtures_hub import TOKEN, hub  # noqa: F401 - the fixture
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
@@ -18,16 +18,12 @@ from transformers.pytorch_utils import Conv1D
 from spp_hf import MaskedLoRAConfig, SPPConfig, SPPLinear, SPPModel, get_spp_model
 from spp_hf.adapters.config import AdapterConfig
 from spp_hf.sparsity import iter_linear_weights
+from spp_hf.sparsity import model_sparsity_record
+from spp_hf.storage import write_model_folder
 
 ARCHS = ["llama", "mistral", "qwen2", "gpt2"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
-
-
-def pruned(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
-    model = make_tiny_model(arch, dtype=dtype, seed=seed)
-    prune_magnitude_nm_(model)
-    return model
 
 
 def ml_config(arch: str = "llama", **kw) -> MaskedLoRAConfig:
@@ -58,25 +54,6 @@ def reference(x, base, lora_A, lora_B, scale):
     update = (lora_B @ lora_A) * (w != 0)
     y = x @ w.t() + scale * x @ update.t()
     return y if base.bias is None else y + base.bias
-
-
-def zero_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: (w == 0).clone() for n, w in iter_linear_weights(model)}
-
-
-def train_steps(model: torch.nn.Module, steps: int = 3, lr: float = 1e-2) -> list[float]:
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=IDS, labels=IDS).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 # --------------------------------------------------------------------------- the formula
@@ -149,7 +126,7 @@ def test_nf4_base_uses_the_quantized_base_gemm_and_the_masked_branch(tmp_path):
         want = layer.base_layer(x) + 2.0 * x @ ((b @ a) * (w != 0)).t()
         for _ in range(2):  # the second call reads the repacked weight (the old dense_weight dequantized garbage)
             torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
-    train_steps(model, steps=2)
+    train_steps(model, steps=2, ids=IDS)
     assert all(lay.lora_B["default"].grad is None for _, lay in model.spp_layers())  # zeroed by the optimizer
     with pytest.raises(TypeError, match="full-precision"):
         model.merge_spp()
@@ -205,7 +182,7 @@ def test_train_save_reload_merge_keeps_the_zeros(tmp_path):
     pruned().save_pretrained(base_dir)
     base_zeros = zero_masks(AutoModelForCausalLM.from_pretrained(base_dir))
     model = get_spp_model(AutoModelForCausalLM.from_pretrained(base_dir), ml_config(dropout=0.1))
-    losses = train_steps(model, steps=4)
+    losses = train_steps(model, steps=4, ids=IDS)
     assert losses[-1] < losses[0]
     assert all(lay.lora_B["default"].abs().sum() > 0 for _, lay in model.spp_layers())  # B left zero
     logits = model(IDS).logits
@@ -343,7 +320,7 @@ def test_inspect_and_merge_cli_on_a_masked_lora_adapter(tmp_path, capsys):
     pruned().save_pretrained(base_dir)
     base_zeros = zero_masks(AutoModelForCausalLM.from_pretrained(base_dir))
     model = get_spp_model(AutoModelForCausalLM.from_pretrained(base_dir), ml_config())
-    train_steps(model)
+    train_steps(model, ids=IDS)
     model.save_pretrained(tmp_path / "adapter")
     expected = copy.deepcopy(model).merge_and_unload()(IDS).logits
 
@@ -369,7 +346,6 @@ def test_inspect_and_merge_cli_on_a_masked_lora_adapter(tmp_path, capsys):
 def test_push_and_from_pretrained_over_the_hub(hub, tmp_path, monkeypatch):  # noqa: F811
     from huggingface_hub import constants
 
-    from spp_hf.storage import model_sparsity_record, write_model_folder
     from spp_hf.hub.transfer import push_folder
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -377,10 +353,10 @@ def test_push_and_from_pretrained_over_the_hub(hub, tmp_path, monkeypatch):  # n
     write_model_folder(base, None, tmp_path / "base", "# base\n", model_sparsity_record(base, "pruned-base"))
     base_sha = push_folder(tmp_path / "base", "user/tiny-base", token=TOKEN).oid
     model = get_spp_model(AutoModelForCausalLM.from_pretrained("user/tiny-base"), ml_config())
-    train_steps(model)
+    train_steps(model, ids=IDS)
     model.push_to_hub("user/tiny-base-masked-lora")
     repo = hub.state.repo("user/tiny-base-masked-lora")
-    assert repo.resolve("main").message == "Upload masked-LoRA adapter"
+    assert repo.resolve("main").message == "Upload Masked-LoRA adapter"
     pushed = json.loads(repo.resolve("main").files["spp_config.json"])
     assert (pushed["method"], pushed["base_model_name_or_path"], pushed["base_model_revision"]) == (
         "masked_lora", "user/tiny-base", base_sha)  # fmt: skip
@@ -452,7 +428,7 @@ def test_describe_folder_tells_the_methods_apart(tmp_path):
 
     get_spp_model(pruned(), ml_config()).save_pretrained(tmp_path / "ml")
     get_spp_model(pruned(), SPPConfig(r=4)).save_pretrained(tmp_path / "spp")
-    assert describe_folder(tmp_path / "ml") == "masked-LoRA adapter"
+    assert describe_folder(tmp_path / "ml") == "Masked-LoRA adapter"
     assert describe_folder(tmp_path / "spp") == "SPP adapter"
 
 
@@ -461,14 +437,13 @@ def test_publish_a_run_with_a_masked_lora_variant(hub, tmp_path, monkeypatch):  
     adapter then loads anywhere and equals the published merged model, with the base's zeros."""
     from huggingface_hub import constants
 
-    from spp_hf.storage import model_sparsity_record, write_model_folder
     from spp_hf.cli import main as cli_main
 
     run = tmp_path / "runs" / "ml"
     base = pruned()
     write_model_folder(base, None, run / "pruned", "# pruned\n", model_sparsity_record(base, "pruned-base", method="magnitude"))
     model = get_spp_model(AutoModelForCausalLM.from_pretrained(run / "pruned"), ml_config())
-    train_steps(model)
+    train_steps(model, ids=IDS)
     model.save_pretrained(run / "masked_lora" / "adapter")
     merged = model.merge_and_unload()
     write_model_folder(merged, None, run / "masked_lora" / "merged", "# merged\n", model_sparsity_record(merged, "merged"))

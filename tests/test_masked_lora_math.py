@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-import spp_hf.adapters.layer as layer_mod
+import spp_hf.adapters.chunked as chunked
 from spp_hf.adapters.masked_lora import (
     _FusedMaskedLoRA,
     init_masked_lora,
@@ -110,7 +110,7 @@ def test_fused_dropout_equals_formula_with_its_mask(transposed):
 @pytest.mark.parametrize("chunk_bytes", [8 * 8 * 2, 8 * 8 * 5, 1 << 30])  # 2 rows, 5 rows (ragged end), one chunk
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_fused_chunking_is_exact(monkeypatch, chunk_bytes, dropout):
-    monkeypatch.setattr(layer_mod, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", chunk_bytes)
     w = sparse_weight(m=13, n=8)
     bias = torch.randn(13, dtype=torch.float64)
     a, b = adapters(m=13, n=8)
@@ -129,7 +129,7 @@ def test_chunking_uses_several_chunks(monkeypatch):
     """The knob is live: a small CHUNK_BYTES makes the fused forward build W_eff in several pieces."""
     from spp_hf.adapters import masked_lora
 
-    monkeypatch.setattr(layer_mod, "CHUNK_BYTES", 8 * 8 * 5)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 8 * 8 * 5)
     assert list(masked_lora._row_chunks(13, 8, 8)) == [(0, 5), (5, 10), (10, 13)]
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_model, prune_magnitude_nm_, rewrite_adapter_config
+from conftest import make_tiny_model, prune_magnitude_nm_, pruned, rewrite_adapter_config, train_steps
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
 
@@ -17,29 +17,8 @@ ARCHS = ["llama", "mistral", "qwen2", "gpt2"]
 TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"]}
 
 
-def pruned(arch="llama", dtype=torch.float32, seed=0):
-    model = make_tiny_model(arch, dtype=dtype, seed=seed)
-    prune_magnitude_nm_(model)
-    return model
-
-
 def config_for(arch, **kw):
     return SPPConfig(r=8, target_modules=TARGETS.get(arch, SPPConfig().target_modules), **kw)
-
-
-def train_steps(model, steps=3, lr=1e-2, seed=0):
-    """A few AdamW steps on random tokens, so α and β move away from their init."""
-    torch.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    model.train()
-    for _ in range(steps):
-        ids = torch.randint(0, 128, (2, 16))
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
 
 
 def masks(model):

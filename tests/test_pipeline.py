@@ -8,12 +8,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, make_tiny_model, prune_magnitude_nm_
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from spp_hf import SPPConfig
 from spp_hf.cli import main as cli_main
-from spp_hf.pipeline.methods import get_method
-from spp_hf.pipeline.run import PipelineConfig, _variant_config, apply_overrides, check_data_separation, gap_closed, run_pipeline, variants
+from spp_hf.data.corpora import C4_SAMPLE_FILE, WIKI_TRAIN_FILE, WIKI_VALIDATION_FILE, documents, read_jsonl
+from spp_hf.data.training_data import load_sft_data
+from spp_hf.pipeline import evaluation
+from spp_hf.pipeline.builtin_methods import adapter_method
+from spp_hf.pipeline.config import PipelineConfig, apply_overrides, check_data_separation
+from spp_hf.pipeline.methods import METHODS, Method, Prepared, get_method, register
+from spp_hf.pipeline.report import write_report
+from spp_hf.pipeline.results import EvalRecord, gap_closed
+from spp_hf.pipeline.run import run_pipeline
+from spp_hf.pipeline.stages import linear_fingerprint, save_merged, stage_eval
+from spp_hf.pipeline.variants import Variant, variant_config, variants
 from spp_hf.sparsity import iter_linear_weights
 
 
@@ -44,6 +55,7 @@ def _run(tiny_dense, tmp_path, name: str, items: list[str], skip: str = "") -> P
     return run_pipeline(PipelineConfig.from_dict(apply_overrides({}, overrides)), {s for s in skip.split(",") if s})
 
 
+@pytest.mark.slow
 def test_pipeline_compares_every_method_resumes_and_keeps_zeros(tiny_dense, tmp_path):
     _run(tiny_dense, tmp_path, "fast", FAST + EVERY_METHOD)
     run = tmp_path / "fast"
@@ -64,10 +76,12 @@ def test_pipeline_compares_every_method_resumes_and_keeps_zeros(tiny_dense, tmp_
         assert record["mask_fingerprint"] == record["base_mask_fingerprint"]
         assert any((w == 0).float().mean() > 0.49 for _, w in iter_linear_weights(merged))
     results = {v: json.loads((run / "eval" / f"{v}.json").read_text()) for v in ("dense", "pruned") + VARIANTS}
-    assert all(math.isfinite(r["ppl"]) and r["ppl_windows"] == 2 for r in results.values())
-    for r in results.values():
-        assert set(r["heldout"]) == {"wiki-validation", "c4-heldout"}
-        assert all(math.isfinite(h["ppl"]) and h["windows"] == 2 for h in r["heldout"].values())
+    for name, r in results.items():  # the record `spp-hf eval --out` writes
+        assert r["variant"] == name and r["kind"] == "checkpoint" and r["model"] and "sparsity" in r
+        assert EvalRecord.from_dict(r).to_dict() == r
+        assert list(r["perplexity"]) == ["wikitext2", "wiki-validation", "c4-heldout"]
+        assert all(math.isfinite(p["ppl"]) and p["windows"] == 2 and p["seqlen"] == 128 for p in r["perplexity"].values())
+    assert results["pruned"]["sparsity_pattern"] == "2:4"
     copa = results["spp_s0"]["zero_shot"]["spp_copa"]
     assert 0.0 <= copa["acc"] <= 1.0 and copa["acc_stderr"] > 0 and copa["n"] == 4
 
@@ -99,8 +113,6 @@ def test_pipeline_compares_every_method_resumes_and_keeps_zeros(tiny_dense, tmp_
     assert stamp == {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
 
     # the report reads the zeros back from the saved files: a merged model altered on disk is called out
-    from safetensors.torch import load_file, save_file
-
     file = next((run / "lora_star_s0" / "merged").glob("*.safetensors"))
     tensors = load_file(file)
     key = next(k for k in tensors if k.endswith("down_proj.weight"))
@@ -112,11 +124,6 @@ def test_pipeline_compares_every_method_resumes_and_keeps_zeros(tiny_dense, tmp_
 
 
 def test_a_merged_model_without_the_base_zeros_is_not_saved(tmp_path):
-    from conftest import make_tiny_model, prune_magnitude_nm_
-
-    from spp_hf.pipeline.methods import Prepared
-    from spp_hf.pipeline.run import Variant, linear_fingerprint, save_merged
-
     model = make_tiny_model("llama")
     prune_magnitude_nm_(model)
     reference = linear_fingerprint(model)
@@ -128,6 +135,7 @@ def test_a_merged_model_without_the_base_zeros_is_not_saved(tmp_path):
     assert not (tmp_path / "merged").exists()
 
 
+@pytest.mark.slow
 def test_pipeline_trains_on_packed_plain_text_at_most_once(tiny_dense, tmp_path):
     """Plain-text rows (train.data=<jsonl of {"text"}>) are packed into full max_length sequences, and a run
     whose steps would pass over them more than train.max_epochs times stops before training."""
@@ -149,6 +157,7 @@ def test_pipeline_trains_on_packed_plain_text_at_most_once(tiny_dense, tmp_path)
     assert not list((tmp_path / "repeat" / "spp_s0" / "train").glob("checkpoint-*"))  # nothing trained
 
 
+@pytest.mark.slow
 def test_pipeline_distils_every_method_from_the_dense_model(tiny_dense, tmp_path):
     """train.distill_weight=1: SPP, LoRA* and masked full FT all minimise KL(dense ‖ student) instead of the LM loss."""
     items = FAST + ["train.max_steps=2", "train.distill_weight=1.0", "methods=[spp, lora_star, masked_full]"]
@@ -163,20 +172,43 @@ def test_pipeline_distils_every_method_from_the_dense_model(tiny_dense, tmp_path
     assert "distilled from the dense model" in (tmp_path / "kd" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_tuning_run_never_evaluates_wikitext2_test(tiny_dense, tmp_path, monkeypatch):
     """eval.ppl_windows=0: learning-rate probes are scored on the validation split and never touch WikiText-2 test."""
-    import spp_hf.pipeline.evaluation
-
     def refuse(*args, **kwargs):
         raise AssertionError("WikiText-2 test was evaluated")
 
-    monkeypatch.setattr(spp_hf.pipeline.evaluation, "_load_wikitext2", refuse)
+    monkeypatch.setattr(evaluation, "_load_wikitext2", refuse)
     items = FAST + ["train.max_steps=2", "methods=[spp]", "eval.ppl_windows=0", "eval.heldout=wiki-validation", "eval.tasks=none"]
     report = _run(tiny_dense, tmp_path, "probe", items).read_text()
     records = {v: json.loads((tmp_path / "probe" / "eval" / f"{v}.json").read_text()) for v in ("dense", "pruned", "spp_s0")}
-    assert all("ppl" not in r and math.isfinite(r["heldout"]["wiki-validation"]["ppl"]) for r in records.values())
+    assert all(list(r["perplexity"]) == ["wiki-validation"] and math.isfinite(r["perplexity"]["wiki-validation"]["ppl"])
+               for r in records.values())  # fmt: skip
     assert "WikiText-2 test not evaluated" in report and "| Wikipedia val. ppl | gap |" in report
     assert "WikiText-2 ppl" not in report
+
+
+def test_an_old_run_folder_s_evaluation_records_still_read(tmp_path):
+    """eval/<name>.json as the pipeline wrote it before `spp-hf eval` and the pipeline shared one schema: a resumed
+    run reads it (nothing is re-evaluated or rewritten) and reports it."""
+    cfg = PipelineConfig.from_dict(apply_overrides({}, [f"output_dir={tmp_path}", "name=old", "methods=[spp]"]))
+    layout = cfg.layout
+    layout.eval.mkdir(parents=True)
+    for name, (wiki, held) in {"dense": (20.0, 18.0), "pruned": (80.0, 60.0), "spp_s0": (40.0, 30.0)}.items():
+        record = {
+            "variant": name, "path": f"/elsewhere/{name}", "ppl_seqlen": 1024, "ppl": wiki, "nll": math.log(wiki), "ppl_windows": 8,
+            "heldout": {"wiki-validation": {"ppl": held, "nll": math.log(held), "windows": 4, "seqlen": 1024}},
+            "zero_shot": {"spp_copa": {"acc": 0.5, "acc_stderr": 0.1, "n": 20, "num_fewshot": 0}},
+        }  # fmt: skip
+        layout.eval_record(name).write_text(json.dumps(record))
+    before = {p: p.read_bytes() for p in layout.eval.iterdir()}
+    results = stage_eval(cfg, {name: tmp_path / "never-loaded" for name in ("dense", "pruned", "spp_s0")})
+    assert {p: p.read_bytes() for p in layout.eval.iterdir()} == before
+    assert results["spp_s0"].perplexities() == {"wikitext2": 40.0, "wiki-validation": 30.0}
+    assert results["spp_s0"].model == "/elsewhere/spp_s0" and results["spp_s0"].zero_shot["spp_copa"]["acc"] == 0.5
+    report = write_report(cfg, variants(cfg), results, 60.0).read_text()
+    assert "| SPP s0 | 40.00 | 50.0% | 30.00 | 57.6% | 0.500 ± 0.100 |" in report
+    assert "windows of 1024 tokens; WikiText-2 raw test 8 windows" in report and "Wikipedia val. 4 windows" in report
 
 
 def test_config_overrides_and_errors(tmp_path):
@@ -211,8 +243,6 @@ RECOVERY = ("smollm2_wanda24_recovery.yaml", "smollm2_wanda75_recovery.yaml")
 
 @pytest.mark.parametrize("config", RECOVERY)
 def test_shipped_recovery_configs_train_once_on_shipped_text(config, smollm2_dir):
-    from spp_hf.data.training_data import load_sft_data
-
     cfg = PipelineConfig.from_yaml(Path(__file__).resolve().parents[1] / "recipes" / "configs" / config)
     runs = variants(cfg)
     assert {"spp", "lora_star"} <= {v.method for v in runs}
@@ -249,7 +279,7 @@ def test_learning_rate_sweep_probes_the_comparison_on_validation_only():
     check_data_separation(sweep)
     rates: dict[str, list[float]] = {}
     for v in variants(sweep):
-        rates.setdefault(v.method, []).append(get_method(v.method).learning_rate(_variant_config(sweep, v.overrides, 0)))
+        rates.setdefault(v.method, []).append(get_method(v.method).learning_rate(variant_config(sweep, v.overrides, 0)))
     for method, found in rates.items():
         rate = get_method(method).learning_rate(comparison)
         assert rate in found and min(found) < rate < max(found), (method, rate, found)  # the comparison's rate, bracketed
@@ -259,11 +289,11 @@ def test_every_comparison_rate_was_probed_on_validation():
     """Each rate the 2:4 comparison trains at (its methods, their first rates, every variant) is one the validation sweep probed."""
     folder = Path(__file__).resolve().parents[1] / "recipes" / "configs"
     sweep = PipelineConfig.from_yaml(folder / "smollm2_wanda24_lr_sweep.yaml")
-    probed = {(v.method, get_method(v.method).learning_rate(_variant_config(sweep, v.overrides, 0))) for v in variants(sweep)}
+    probed = {(v.method, get_method(v.method).learning_rate(variant_config(sweep, v.overrides, 0))) for v in variants(sweep)}
     comparison = PipelineConfig.from_yaml(folder / RECOVERY[0])
     entries = dict.fromkeys([*comparison.methods, *comparison.variants, "lora_star", "masked_lora", "masked_full"])
     everything = PipelineConfig.from_yaml(folder / RECOVERY[0], [f"methods=[{', '.join(entries)}]"])
-    trained = {(v.method, get_method(v.method).learning_rate(_variant_config(everything, v.overrides, 0))) for v in variants(everything)}
+    trained = {(v.method, get_method(v.method).learning_rate(variant_config(everything, v.overrides, 0))) for v in variants(everything)}
     assert {"lora_star_lr6e3", "masked_lora_lr6e3", "masked_full_lr1e3"} <= set(comparison.variants)
     assert trained <= probed, sorted(trained - probed)
 
@@ -277,9 +307,7 @@ def test_variants_expand_methods_seeds_and_settings():
     assert [(v.name, v.method, v.seed) for v in runs] == [
         ("spp_s3", "spp", 3), ("spp_s4", "spp", 4), ("lora_star_s7", "lora_star", 7), ("drop_s3", "spp", 3), ("drop_s4", "spp", 4)
     ]  # fmt: skip
-    from spp_hf.pipeline.run import _variant_config
-
-    drop = _variant_config(cfg, runs[-1].overrides, runs[-1].seed)
+    drop = variant_config(cfg, runs[-1].overrides, runs[-1].seed)
     assert drop.train.dropout == 0.05 and drop.train.r == 4 and drop.train.seed == 4 and cfg.train.dropout == 0.0
     assert runs[0].label == "SPP s3" and runs[-1].label == "drop s4"
     for bad, message in (
@@ -293,8 +321,6 @@ def test_variants_expand_methods_seeds_and_settings():
 
 
 def test_heldout_texts_are_disjoint_from_training_and_calibration():
-    from spp_hf.data.corpora import C4_SAMPLE_FILE, WIKI_TRAIN_FILE, WIKI_VALIDATION_FILE, documents, read_jsonl
-
     calibration, heldout = documents("c4-sample"), documents("c4-heldout")
     assert len(calibration) == len(heldout) == 100 and not set(calibration) & set(heldout)
     assert calibration + heldout == [r["text"] for r in read_jsonl(C4_SAMPLE_FILE)]  # a split of the whole sample
@@ -312,9 +338,6 @@ def test_heldout_texts_are_disjoint_from_training_and_calibration():
 def test_a_registered_method_joins_the_comparison(tiny_dense, tmp_path):
     """Adding a method is one register() call: here an SPP adapter of rank 4, trained and merged like SPP
     (the way masked LoRA joins: adapter_method(lambda cfg: <its config>))."""
-    from spp_hf.adapters.config import SPPConfig
-    from spp_hf.pipeline.methods import METHODS, Method, adapter_method, register
-
     make = lambda cfg: SPPConfig(r=4, target_modules=list(cfg.train.target_modules))  # noqa: E731
     register("spp_rank4", Method("SPP r=4", lambda cfg: cfg.train.learning_rate, adapter_method(make)))
     try:

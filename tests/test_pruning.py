@@ -24,6 +24,8 @@ from spp_hf.pruning.sparsegpt import Hessian, sparsegpt_prune_
 from spp_hf.pruning.wanda import InputNorms, prune_wanda_
 from spp_hf.sparsity import fingerprint_modules, sparsity_report
 from spp_hf.layer_weights import dense_weight
+from spp_hf.sparsity import model_sparsity_record
+from spp_hf.storage import write_model_folder
 
 REPO = Path(__file__).resolve().parents[1]
 CALIB = REPO / "spp_hf" / "data" / "calib" / "c4_demo.jsonl"
@@ -464,6 +466,7 @@ def test_bundled_calibration_file():
     assert len(rows) == 200 and all("text" in json.loads(r) for r in rows)
 
 
+@pytest.mark.slow
 def test_c4_default_offline_gives_clear_error():
     code = (
         "from spp_hf.pruning import load_calibration\n"
@@ -586,8 +589,6 @@ def test_save_pruned_refuses_a_users_folder_and_a_merged_model(tmp_path):
     with pytest.raises(FileExistsError, match="not a model folder spp-hf wrote"):
         save_pruned(model, None, user, report)
     assert sorted(p.name for p in user.iterdir()) == ["data.csv"]
-    from spp_hf.storage import model_sparsity_record, write_model_folder
-
     merged = write_model_folder(model, None, tmp_path / "merged", "card", model_sparsity_record(model, "merged"))
     with pytest.raises(FileExistsError, match="an spp-hf merged folder"):
         save_pruned(model, None, merged, report)

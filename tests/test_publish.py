@@ -19,11 +19,12 @@ from huggingface_hub import ModelCard, constants
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from spp_hf import SPPModel
-from spp_hf.storage import model_sparsity_record, write_model_folder
 from spp_hf.cli import main as cli_main
-from spp_hf.hub.transfer import SPPHubError, base_commit, push_folder
-from spp_hf.hub.publish import run_artifacts
-from spp_hf.sparsity import iter_linear_weights
+from spp_hf.hub.cards import render_pruned_base_card
+from spp_hf.hub.publish import publish_run, run_artifacts
+from spp_hf.hub.transfer import SPPHubError, base_commit, push_adapter_folder, push_folder
+from spp_hf.sparsity import fingerprint_modules, iter_linear_weights, model_sparsity_record
+from spp_hf.storage import AdapterFiles, write_adapter_files_in_place, write_adapters, write_model_folder
 
 REPO = "user/tiny-wanda24"
 FAST = [
@@ -155,8 +156,6 @@ def test_base_commit_is_the_loaded_revision_not_main(hub, tmp_path, monkeypatch)
 
 def test_push_folder_leaves_out_local_paths(hub, tmp_path, monkeypatch):  # noqa: F811
     """A pruned base made from a local model (what `spp-hf prune --model DIR --push-to-hub` pushes)."""
-    from spp_hf.hub.cards import render_pruned_base_card
-
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     dense = tmp_path / "dense-model"
     dense.mkdir()
@@ -179,10 +178,6 @@ def test_push_folder_leaves_out_local_paths(hub, tmp_path, monkeypatch):  # noqa
 
 def test_push_adapter_folder_skips_trainer_checkpoints(hub, tmp_path, monkeypatch):  # noqa: F811
     """An adapter saved in a Trainer's output_dir: named adapters go up, checkpoint-N folders do not."""
-    from spp_hf.storage import AdapterFiles, write_adapter_files_in_place, write_adapters
-    from spp_hf.hub.transfer import push_adapter_folder
-    from spp_hf.sparsity import fingerprint_modules
-
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     model = make_tiny_model("llama")
     prune_magnitude_nm_(model)
@@ -204,10 +199,24 @@ def test_push_adapter_folder_skips_trainer_checkpoints(hub, tmp_path, monkeypatc
     assert json.loads(files["other/spp_config.json"])["base_model_revision"] == sha
 
 
+def test_run_artifacts_find_variants_through_the_run_layout(tmp_path):
+    """Repo suffixes are `methods:` entries (the seed kept when an entry has several); the method is the one the
+    merged model's sparsity.json records, so a named variant (lora_star_lr6e3) is described as its method."""
+    run = tmp_path / "run"
+    model = make_tiny_model("llama")
+    prune_magnitude_nm_(model)
+    write_model_folder(model, None, run / "pruned", "card", model_sparsity_record(model, "pruned-base"))
+    for name, method in (("lora_star_lr6e3_s0", "lora_star"), ("spp_s0", "spp"), ("spp_s1", "spp")):
+        write_model_folder(model, None, run / name / "merged", "card", model_sparsity_record(model, "merged", method=method))
+    (run / "eval").mkdir()
+    found = run_artifacts(run)
+    assert sorted(found.variants) == ["lora_star_lr6e3", "spp_s0", "spp_s1"]
+    lora = found.variants["lora_star_lr6e3"]
+    assert (lora.entry, lora.method, lora.adapter, lora.merged) == ("lora_star_lr6e3", "lora_star", None, run / "lora_star_lr6e3_s0" / "merged")
+
+
 def test_publish_describes_each_merged_baseline_by_its_own_method(hub, tmp_path, monkeypatch):  # noqa: F811
     """Masked full fine-tuning re-applies nothing: its merged model's card is not LoRA*'s."""
-    from spp_hf.hub.publish import publish_run
-
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     run = tmp_path / "run"
     model = make_tiny_model("llama")

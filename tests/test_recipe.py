@@ -10,10 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import prune_magnitude_nm_
+from datasets import Dataset
 from fixtures_trainer import alpaca_records, save_tiny_base, single_thread  # noqa: F401
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spp_hf import SPPModel
+from spp_hf.data.training_data import load_sft_data
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
@@ -71,8 +75,6 @@ def test_alpaca_template_is_the_official_one():
     )
     assert recipe.alpaca_prompt("Add.", "2 3") == with_input
     assert recipe.alpaca_prompt("Add.", "") == without
-    from datasets import Dataset
-
     rows = Dataset.from_list([{"instruction": "Add.", "input": "2 3", "output": "5"}])
     assert recipe.to_sft_format(rows)[0] == {"text": with_input + "5"}
     assert recipe.to_sft_format(rows, train_on_inputs=False)[0] == {"prompt": with_input, "completion": "5"}
@@ -96,8 +98,6 @@ def test_alpaca_data_from_json_jsonl_and_the_bundled_sample(tmp_path):
 
 
 def test_sft_data_tells_alpaca_from_plain_text(tmp_path):
-    from spp_hf.data.training_data import load_sft_data
-
     records = alpaca_records(3)
     (tmp_path / "a.json").write_text(json.dumps(records))
     rows, packed = load_sft_data(str(tmp_path / "a.json"))
@@ -128,8 +128,6 @@ def test_recipe_trains_a_tiny_pruned_base_with_completion_only_loss(tmp_path):
     n = len(row["prompt"])  # the character tokenizer: one token per character
     assert row["labels"][:n] == [-100] * n and row["prompt"].startswith("Below is an instruction")
     merged = SPPModel.from_pretrained(tmp_path / "out", base_model=str(base))
-    from transformers import AutoModelForCausalLM
-
     original = AutoModelForCausalLM.from_pretrained(base)
     w0 = original.model.layers[0].mlp.up_proj.weight
     assert torch.equal(merged.model.layers[0].mlp.up_proj.weight == 0, w0 == 0)
@@ -138,9 +136,6 @@ def test_recipe_trains_a_tiny_pruned_base_with_completion_only_loss(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_recipe_runs_a_few_steps_on_a_pruned_copy(tmp_path, smollm2_dir):
-    from conftest import prune_magnitude_nm_
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
     prune_magnitude_nm_(model, 2, 4)
     base = tmp_path / "smollm2-2of4"

@@ -14,8 +14,10 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from spp_hf import SPPConfig, SPPModel, SPPSFTTrainer, get_spp_model
-from spp_hf.adapters.layer import repeat_alpha
+from spp_hf.adapters.spp import repeat_alpha
 from spp_hf.training.trainer import SparsityGuardError, SPPSFTConfig, bf16_available
+from spp_hf.sparsity import model_sparsity_record
+from spp_hf.storage import write_model_folder
 
 ADAPTER = {"spp_config.json", "spp_adapter.safetensors", "README.md"}
 CHECKPOINT = ADAPTER | {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"}
@@ -344,7 +346,6 @@ def test_nf4_base_on_gpu_with_bf16(tmp_path):
 
 def push_tiny_base(tmp_path, repo_id: str) -> str:
     """Push the tiny pruned base with its sparsity.json (as spp-hf writes it) and return the commit sha."""
-    from spp_hf.storage import model_sparsity_record, write_model_folder
     from spp_hf.hub.transfer import push_folder
 
     base = tiny_pruned_base()

@@ -1,9 +1,9 @@
-"""Adapter configs: `SPPConfig` and `MaskedLoRAConfig`, saved as `spp_config.json` next to their weights.
+"""`AdapterConfig`: what every adapter kind's config shares, saved as `spp_config.json` next to its weights.
 
-Both share `AdapterConfig`'s fields (what the adapter targets and which pruned base it belongs to) and its
-file handling. The file records the adapter's `method` ("spp", the default for files written before the
-field existed, or "masked_lora"); `AdapterConfig.from_dict` builds the matching class, and each class
-refuses a file of the other method.
+The shared fields say what the adapter targets and which pruned base it belongs to; each kind's module
+(`spp.py`, `masked_lora.py`) subclasses it with its own settings. The file records the adapter's `method`
+(its kind's name; "spp" for files written before the field existed); `AdapterConfig.from_dict` builds the
+config class of the kind registered under that name, and each class refuses a file of another method.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
 
 from ..storage import CONFIG_NAME, WEIGHTS_NAME, write_json
+from ..version import __version__
+from .kinds import DEFAULT_KIND, KINDS, kind_named
 
 FORMAT_VERSION = 1
-IMPLS = ("auto", "naive", "blocked", "fused")
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
-DEFAULT_METHOD = "spp"  # what a config file without a "method" field holds
 
 # field -> (accepted types, what to write): bool is refused where a number is meant (JSON true is not 1)
 _BASE_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
@@ -89,16 +89,6 @@ def _check_fingerprint(cls: str, fingerprint: dict | None) -> None:
             raise refuse(where + "['hash']", "a hex string (the hash of the module's mask)", digest)
 
 
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
-# method name -> config class, filled by each class definition below
-ADAPTER_METHODS: dict[str, type["AdapterConfig"]] = {}
-
-
 @dataclass(kw_only=True)
 class AdapterConfig:
     """What every spp-hf adapter config holds (keyword-only in the subclasses).
@@ -125,14 +115,10 @@ class AdapterConfig:
     spp_hf_version: str | None = None
     format_version: int = FORMAT_VERSION
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.method:
-            ADAPTER_METHODS[cls.method] = cls
-
     def __post_init__(self) -> None:
         if type(self) is AdapterConfig:
-            raise TypeError("AdapterConfig is the shared base; use SPPConfig(...) or MaskedLoRAConfig(...).")
+            kinds = ", ".join(f"{k.config_class.__name__}(...)" for k in KINDS.values())
+            raise TypeError(f"AdapterConfig is the shared base; use one of its kinds' configs: {kinds}.")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         _check_types(self)
@@ -145,12 +131,16 @@ class AdapterConfig:
     def validate(self) -> None:
         """Check the method's own fields (types are already checked); may normalise them."""
 
+    def targets_text(self) -> str:
+        """`target_modules` as one line of text (a regex or "all-linear" as is, a list comma-separated)."""
+        return self.target_modules if isinstance(self.target_modules, str) else ", ".join(self.target_modules)
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
     def file_dict(self) -> dict[str, Any]:
         """The data written to `spp_config.json`: `to_dict()` stamped with this spp-hf's version."""
-        return {**self.to_dict(), "spp_hf_version": _version()}
+        return {**self.to_dict(), "spp_hf_version": __version__}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
@@ -163,16 +153,11 @@ class AdapterConfig:
         if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             raise ValueError(
                 f"This adapter was saved by spp-hf {data.get('spp_hf_version', '?')} with format version "
-                f"{version}; this spp-hf ({_version()}) reads up to format {FORMAT_VERSION}. "
+                f"{version}; this spp-hf ({__version__}) reads up to format {FORMAT_VERSION}. "
                 "Upgrade with `pip install -U spp-hf`."
             )
-        method = data.get("method", DEFAULT_METHOD)
-        target = ADAPTER_METHODS.get(method) if isinstance(method, str) else None
-        if target is None:
-            raise ValueError(
-                f"method must be one of {sorted(ADAPTER_METHODS)}, got {method!r}: the adapter was written by another "
-                "tool or a newer spp-hf. Upgrade with `pip install -U spp-hf`, or fix the method field."
-            )
+        method = data.get("method", DEFAULT_KIND)
+        target = kind_named(method).config_class
         if cls is not AdapterConfig and target is not cls:
             raise ValueError(
                 f"method is {method!r}: this is a {target.__name__} adapter, not a {cls.__name__} one. Load it with "
@@ -220,90 +205,4 @@ class AdapterConfig:
             ) from None
 
 
-@dataclass
-class SPPConfig(AdapterConfig):
-    """Settings of an SPP adapter (paper Sec. 3.2, Eq. 4-5). Shared fields: see `AdapterConfig`.
-
-    Args:
-        r: rows of α (r × in_features); each α row scales out_features / r consecutive output rows.
-        scale: s in Eq. 5. 2.0 matches the official recipe (lora_alpha / lora_r).
-        dropout: dropout on the input of the SPP branch.
-        impl: "naive" (materialise W'), "blocked" (Eq. 7), "fused" (one GEMM on W_eff) or "auto".
-        use_beta: ablation of Table 4; False freezes β at 1 (α is then zero-initialised).
-        zero_init: which factor starts at zero so the model starts as the pruned base:
-            "beta" (paper default, α kaiming-uniform) or "alpha" (Table 8 ablation).
-    """
-
-    method: ClassVar[str] = "spp"
-    _field_types: ClassVar[dict[str, tuple[tuple[type, ...], str]]] = {
-        "r": ((int,), "a positive integer"),
-        "scale": ((int, float), "a number"),
-        "dropout": ((int, float), "a number in [0, 1)"),
-        "impl": ((str,), f"one of {IMPLS}"),
-        "use_beta": ((bool,), "true or false"),
-        "zero_init": ((str,), "'beta' or 'alpha'"),
-    }
-
-    r: int = 16
-    scale: float = 2.0
-    dropout: float = 0.0
-    impl: Literal["auto", "naive", "blocked", "fused"] = "auto"
-    use_beta: bool = True
-    zero_init: Literal["beta", "alpha"] = "beta"
-
-    def validate(self) -> None:
-        if not self.r >= 1:
-            raise ValueError(f"SPPConfig.r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"SPPConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not math.isfinite(self.scale):
-            raise ValueError(f"SPPConfig.scale must be a finite number, got {self.scale!r}")
-        if self.impl not in IMPLS:
-            raise ValueError(f"SPPConfig.impl must be one of {IMPLS}, got {self.impl!r}")
-        if self.zero_init not in ("beta", "alpha"):
-            raise ValueError(f"SPPConfig.zero_init must be 'beta' or 'alpha', got {self.zero_init!r}")
-        if not self.use_beta and self.zero_init != "alpha":
-            # Without a trainable β, α must start at zero for the model to start as the pruned base.
-            self.zero_init = "alpha"
-
-
-@dataclass
-class MaskedLoRAConfig(AdapterConfig):
-    """Settings of a masked-LoRA adapter: LoRA whose update is multiplied by the base's zero mask.
-
-    Per target layer A (r × in_features, kaiming-uniform) and B (out_features × r, zeros) train, and
-    Y = X Wᵀ + (lora_alpha / r) · Dropout(X) ((B A) ⊙ M)ᵀ with M = (W ≠ 0); the merge W + (lora_alpha / r)·(B A) ⊙ M
-    keeps exactly W's zeros. Shared fields: see `AdapterConfig`.
-
-    Args:
-        r: LoRA rank (any positive integer; it need not divide out_features).
-        lora_alpha: the update is scaled by lora_alpha / r, as in PEFT's LoRA.
-        dropout: dropout on the input of the LoRA branch.
-    """
-
-    method: ClassVar[str] = "masked_lora"
-    _field_types: ClassVar[dict[str, tuple[tuple[type, ...], str]]] = {
-        "r": ((int,), "a positive integer"),
-        "lora_alpha": ((int, float), "a finite number"),
-        "dropout": ((int, float), "a number in [0, 1)"),
-    }
-
-    r: int = 8
-    lora_alpha: float = 16
-    dropout: float = 0.0
-
-    @property
-    def scale(self) -> float:
-        """lora_alpha / r, the factor on the masked update."""
-        return self.lora_alpha / self.r
-
-    def validate(self) -> None:
-        if not self.r >= 1:
-            raise ValueError(f"MaskedLoRAConfig.r must be a positive integer, got {self.r!r}")
-        if not math.isfinite(self.lora_alpha):
-            raise ValueError(f"MaskedLoRAConfig.lora_alpha must be a finite number, got {self.lora_alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"MaskedLoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
-
-
-__all__ = ["AdapterConfig", "CONFIG_NAME", "MaskedLoRAConfig", "SPPConfig", "WEIGHTS_NAME"]
+__all__ = ["AdapterConfig", "CONFIG_NAME", "DEFAULT_TARGETS", "WEIGHTS_NAME"]

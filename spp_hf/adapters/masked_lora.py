@@ -1,4 +1,5 @@
-"""Masked LoRA math: LoRA whose update is multiplied by the pruned base's zero mask while it trains.
+"""The masked-LoRA adapter kind: `MaskedLoRAConfig`, LoRA whose update is multiplied by the pruned base's zero
+mask while it trains, and its registration.
 
 This is what SQFT calls SparsePEFT and PERP calls MaskLoRA. For a frozen pruned weight W (m × n),
 A (r × n), B (m × r), M = (W ≠ 0) and s = lora_alpha / r:
@@ -20,23 +21,64 @@ Two interchangeable implementations of the same function:
 
 Everything derived from the adapters (B A, W_eff, the merged weight) is computed in at least float32.
 
-The end of the module registers masked LoRA as an adapter kind of `SPPLinear` (config `MaskedLoRAConfig`,
-parameters ``lora_A`` / ``lora_B``), so injection, named adapters, merging, adapter files, the trainer and
-the Hub work for it as for SPP.
+The end of the module registers the kind (config `MaskedLoRAConfig`, parameters ``lora_A`` / ``lora_B``), so
+injection, named adapters, merging, adapter files, the trainer, cards and the Hub work for it as for SPP.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import layer as _layer
-from .layer import _accumulate, _scratch, base_weight_trains, compute_dtype
 from ..layer_weights import is_quantized
+from . import chunked
+from .chunked import accumulate, base_weight_trains, compute_dtype, scratch
+from .config import AdapterConfig
+from .kinds import AdapterKind, register_adapter_kind
+
+
+@dataclass
+class MaskedLoRAConfig(AdapterConfig):
+    """Settings of a masked-LoRA adapter: LoRA whose update is multiplied by the base's zero mask.
+
+    Per target layer A (r × in_features, kaiming-uniform) and B (out_features × r, zeros) train, and
+    Y = X Wᵀ + (lora_alpha / r) · Dropout(X) ((B A) ⊙ M)ᵀ with M = (W ≠ 0); the merge W + (lora_alpha / r)·(B A) ⊙ M
+    keeps exactly W's zeros. Shared fields: see `AdapterConfig`.
+
+    Args:
+        r: LoRA rank (any positive integer; it need not divide out_features).
+        lora_alpha: the update is scaled by lora_alpha / r, as in PEFT's LoRA.
+        dropout: dropout on the input of the LoRA branch.
+    """
+
+    method: ClassVar[str] = "masked_lora"
+    _field_types: ClassVar[dict[str, tuple[tuple[type, ...], str]]] = {
+        "r": ((int,), "a positive integer"),
+        "lora_alpha": ((int, float), "a finite number"),
+        "dropout": ((int, float), "a number in [0, 1)"),
+    }
+
+    r: int = 8
+    lora_alpha: float = 16
+    dropout: float = 0.0
+
+    @property
+    def scale(self) -> float:
+        """lora_alpha / r, the factor on the masked update."""
+        return self.lora_alpha / self.r
+
+    def validate(self) -> None:
+        if not self.r >= 1:
+            raise ValueError(f"MaskedLoRAConfig.r must be a positive integer, got {self.r!r}")
+        if not math.isfinite(self.lora_alpha):
+            raise ValueError(f"MaskedLoRAConfig.lora_alpha must be a finite number, got {self.lora_alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"MaskedLoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
 
 def check_shapes(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
@@ -125,12 +167,12 @@ def masked_lora_fused(
 
 
 def _row_chunks(m: int, n: int, elem_size: int):
-    """Yield (start, stop) row ranges of about CHUNK_BYTES (spp_hf.adapters.layer's knob) of an (m × n) tensor.
+    """Yield (start, stop) row ranges of about `chunked.CHUNK_BYTES` of an (m × n) tensor.
 
     Any row split is valid here (no α blocks as in SPP), so chunks need not divide m: the last may be
     shorter.
     """
-    step = max(1, min(m, _layer.CHUNK_BYTES // (n * elem_size)))
+    step = max(1, min(m, chunked.CHUNK_BYTES // (n * elem_size)))
     for start in range(0, m, step):
         yield start, min(start + step, m)
 
@@ -138,13 +180,13 @@ def _row_chunks(m: int, n: int, elem_size: int):
 def _mask_chunk(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """M = (W ≠ 0) for a chunk of rows as 0/1 in `dtype`: a float mask multiplies several times faster than
     a bool one (no per-element type promotion)."""
-    out = _scratch("masked_lora_mask", w.shape[0], w.shape[1], dtype, w.device)
+    out = scratch("masked_lora_mask", w.shape[0], w.shape[1], dtype, w.device)
     return w.ne(0).to(dtype) if out is None else torch.ne(w, 0, out=out)
 
 
 def _update_chunk(scaled_B: torch.Tensor, lora_A: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """s·(B A)[start:stop], unmasked, in the reused W_eff buffer (when autograd is not recording)."""
-    out = _scratch("masked_lora_w_eff", stop - start, lora_A.shape[1], lora_A.dtype, lora_A.device)
+    out = scratch("masked_lora_w_eff", stop - start, lora_A.shape[1], lora_A.dtype, lora_A.device)
     return torch.mm(scaled_B[start:stop], lora_A, out=out)
 
 
@@ -213,20 +255,20 @@ class _FusedMaskedLoRA(torch.autograd.Function):
                     update = _update_chunk(scaled_B, a, start, stop)
                     if keep is None:
                         w_eff = torch.addcmul(w, update, mask, out=reuse(update))
-                        grad_x = _accumulate(grad_x, g_c, w_eff.to(g.dtype))
+                        grad_x = accumulate(grad_x, g_c, w_eff.to(g.dtype))
                     else:
-                        grad_x = _accumulate(grad_x, g_c, w.to(g.dtype))
+                        grad_x = accumulate(grad_x, g_c, w.to(g.dtype))
                         masked = torch.mul(update, mask, out=reuse(update))
-                        grad_branch = _accumulate(grad_branch, g_c, masked.to(g.dtype))
+                        grad_branch = accumulate(grad_branch, g_c, masked.to(g.dtype))
                 if need_A or need_B:
                     # Q = (Gᵀ X_branch) ⊙ M for these rows; dB = s·Q Aᵀ, dA = s·Σ Bᵀ Q
-                    buf = _scratch("masked_lora_grad", stop - start, n, x.dtype, x.device)
+                    buf = scratch("masked_lora_grad", stop - start, n, x.dtype, x.device)
                     prod = torch.mm(g_c.t(), x_branch, out=buf).to(cdtype)
                     q = torch.mul(prod, mask, out=reuse(prod))
                     if need_B:
                         grad_B_rows.append(q @ a.t())
                     if need_A:
-                        grad_A = _accumulate(grad_A, b[start:stop].t(), q)
+                        grad_A = accumulate(grad_A, b[start:stop].t(), q)
         if need_x:
             if keep is not None:
                 branch = grad_branch * keep if recording else grad_branch.mul_(keep)
@@ -274,22 +316,48 @@ def _merged_weight(layer: Any, name: str, weight: torch.Tensor) -> torch.Tensor:
     return masked_lora_merged_weight(weight, layer.lora_A[name], layer.lora_B[name], layer.scale[name])
 
 
-def _register_masked_lora_kind() -> None:
-    from .config import MaskedLoRAConfig
+def _parameter_count(config: Any, out_features: int, in_features: int) -> int:
+    return config.r * (in_features + out_features)
 
-    _layer.register_adapter_kind(
-        _layer.AdapterKind(
-            config_class=MaskedLoRAConfig,
-            param_names=("lora_A", "lora_B"),
-            setting_names=("r", "lora_alpha", "scale", "dropout"),
-            settings=_settings,
-            validate=_validate,
-            init=_init,
-            trainable=_trainable,
-            forward=_forward,
-            merged_weight=_merged_weight,
-        )
+
+def _card_settings(config: Any) -> list[tuple[str, str]]:
+    return [
+        ("method", "masked LoRA: W + (lora_alpha / r)·(B A) ⊙ (W ≠ 0)"),
+        ("r (LoRA rank)", str(config.r)),
+        ("lora_alpha", f"{config.lora_alpha:g}"),
+        ("dropout", f"{config.dropout:g}"),
+        ("target modules", f"`{config.targets_text()}`"),
+        ("adapter dtype", config.adapter_dtype),
+    ]
+
+
+MASKED_LORA_KIND = register_adapter_kind(
+    AdapterKind(
+        name="masked_lora",
+        label="Masked-LoRA",
+        config_class=MaskedLoRAConfig,
+        param_names=("lora_A", "lora_B"),
+        setting_names=("r", "lora_alpha", "scale", "dropout"),
+        settings=_settings,
+        validate=_validate,
+        init=_init,
+        trainable=_trainable,
+        forward=_forward,
+        merged_weight=_merged_weight,
+        parameter_count=_parameter_count,
+        card_settings=_card_settings,
+        adapter_description=(
+            "A **masked-LoRA adapter** (LoRA whose update is multiplied by the base's zero mask while it trains, as "
+            "SQFT's SparsePEFT and PERP's MaskLoRA) for the pruned model {base_link}.\n"
+            "It holds only the LoRA matrices A (r × in) and B (out × r) of {num_layers} linear layers "
+            "({adapter_params} parameters); merging adds (lora_alpha / r)·(B A) ⊙ (W ≠ 0) to the base weights, so "
+            "every zero of the base stays zero."
+        ),
+        merged_description=(
+            "The pruned model {base_link} with a **masked-LoRA adapter** (LoRA whose update is multiplied by the "
+            "base's zero mask) merged into its weights.\n"
+            "Merging adds (lora_alpha / r)·(B A) ⊙ (W ≠ 0), so this model has exactly the base's zeros "
+            "({sparsity_summary} in the linear layers) and loads as a plain transformers model."
+        ),
     )
-
-
-_register_masked_lora_kind()
+)

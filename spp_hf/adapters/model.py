@@ -1,5 +1,6 @@
-"""Injecting SPP into a `PreTrainedModel`: target selection, `get_spp_model`, and the `SPPModelMixin`
-(named adapters, merge). Adapter files and `SPPModel.from_pretrained` live in `spp_hf.adapters.loading`."""
+"""Adapters in a `PreTrainedModel`: target selection, `get_spp_model`, the `SPPModelMixin` (named adapters,
+merge, save / load / push) and `load_adapter`. Adapter files live in `files`, `SPPModel.from_pretrained` in
+`loading`."""
 
 from __future__ import annotations
 
@@ -13,9 +14,21 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .config import AdapterConfig
-from .layer import SPPLinear, adapter_kind, check_adapter_name
+from ..hub.transfer import base_commit, push_adapter, resolve_adapter
 from ..layer_weights import in_out_features, is_linear_like
+from ..storage import WEIGHTS_NAME
+from .config import AdapterConfig
+from .files import (
+    adapter_targets,
+    check_fingerprint,
+    check_same_method,
+    read_adapter,
+    save_adapters,
+)
+from .kinds import kind_of
+from .layer import SPPLinear, check_adapter_name
+from .sharded_state import spp_mask_fingerprint
+from .state import check_adapter_tensors, layer_state
 
 _MIXED_CLASSES: dict[type, type] = {}
 
@@ -61,7 +74,7 @@ def validate_targets(model: nn.Module, names: list[str], config: Any) -> None:
                 f"Module {name!r} is a {type(module).__name__}; SPP wraps only nn.Linear, transformers "
                 "Conv1D and bitsandbytes Linear4bit/Linear8bitLt. Remove it from target_modules."
             )
-        adapter_kind(config).validate(*in_out_features(module), config, name)
+        kind_of(config).validate(*in_out_features(module), config, name)
         shared = [p for p in owners.get(id(module.weight), []) if p != f"{name}.weight"]
         if shared:
             raise ValueError(
@@ -91,7 +104,7 @@ def get_spp_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "
     if isinstance(model, SPPModelMixin):
         model.add_adapter(config, adapter_name=adapter_name)
         return model
-    adapter_kind(config)
+    kind_of(config)
     return inject_adapter(model, config, adapter_name, find_target_modules(model, config.target_modules))
 
 
@@ -100,7 +113,7 @@ def inject_adapter(model: nn.Module, config: Any, adapter_name: str, names: list
     saved regex is never evaluated). Everything is validated before the model changes. A `loaded`
     adapter keeps the base its file records, filled in from `model` only where the file has nothing."""
     check_adapter_name(adapter_name)
-    adapter_kind(config)
+    kind_of(config)
     validate_targets(model, names, config)
     config = copy.deepcopy(config)
     for param in model.parameters():
@@ -147,15 +160,14 @@ def record_base(model: nn.Module, config: AdapterConfig, reference: AdapterConfi
 def fill_base(model: nn.Module, config: AdapterConfig) -> None:
     """Fill in the base name and revision `config` lacks from `model`: its `name_or_path`, and for that name
     the commit it was loaded from (``config._commit_hash``, else the one commit of it in the HF cache,
-    `hub.base_commit`; None for a local folder)."""
+    `hub.transfer.base_commit`; None for a local folder)."""
     name = getattr(model, "name_or_path", None) or None
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = name
     if config.base_model_revision is None and config.base_model_name_or_path:
-        from ..hub.transfer import base_commit  # revision=None: reads the cache only, never the network
-
         commit = getattr(model.config, "_commit_hash", None) if config.base_model_name_or_path == name else None
-        config.base_model_revision = commit or base_commit(config.base_model_name_or_path)
+        config.base_model_revision = commit or base_commit(  # revision=None: the cache only, never the network
+            config.base_model_name_or_path)
 
 
 def refuse_if_merged(model: nn.Module, action: str) -> None:
@@ -191,8 +203,6 @@ class SPPModelMixin:
 
         Sharded weights (FSDP2, ZeRO-3) are gathered one layer at a time: call it on every rank.
         """
-        from .sharded_state import spp_mask_fingerprint
-
         return spp_mask_fingerprint(self)
 
     @property
@@ -207,7 +217,7 @@ class SPPModelMixin:
         base the other adapters were trained on."""
         adapter_name = "default" if adapter_name is None else adapter_name
         check_adapter_name(adapter_name)
-        adapter_kind(adapter_config)
+        kind_of(adapter_config)
         if adapter_name in self.spp_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; known: {list(self.spp_config)}")
         refuse_if_merged(self, "add an adapter")
@@ -324,16 +334,10 @@ class SPPModelMixin:
         adapter_name = adapter_name or self.active_spp_adapter
         if adapter_name not in self.spp_config:
             raise KeyError(f"No adapter {adapter_name!r}; known adapters: {list(self.spp_config)}")
-        return {
-            f"{name}.{key}": param
-            for name, layer in self.spp_layers()
-            for key, param in layer.adapter_parameters(adapter_name).items()
-        }
+        return layer_state(self.spp_layers(), adapter_name)
 
     def load_spp_state_dict(self, state: dict[str, torch.Tensor], adapter_name: str | None = None) -> None:
         """Copy tensors into an adapter, checking names, shapes, dtypes and finiteness first (nothing changes on error)."""
-        from .loading import check_adapter_tensors
-
         adapter_name = adapter_name or self.active_spp_adapter
         own = self.spp_state_dict(adapter_name)
         check_adapter_tensors({k: tuple(v.shape) for k, v in own.items()}, state, "the given state dict")
@@ -357,14 +361,10 @@ class SPPModelMixin:
         adapter if saved, else the first; every other one in a sub-folder named after it (as PEFT
         saves non-default adapters). Keyword arguments the Trainer passes (state_dict, …) are ignored.
         """
-        from .loading import save_adapters
-
         if not is_main_process:
             return
         save_adapters(self, save_directory, selected_adapters)
         if push_to_hub:
-            from ..hub.transfer import push_adapter
-
             push_adapter(self, kwargs.get("repo_id") or Path(save_directory).name, folder=save_directory)
 
     def load_adapter(  # type: ignore[override]
@@ -380,8 +380,6 @@ class SPPModelMixin:
         """Load a saved SPP adapter (folder or Hub repo) under `adapter_name` ("default" if None) and make it
         active; an existing adapter of that name is replaced. All checks (name, merged state, targets,
         shapes, dtypes, finiteness, mask fingerprint) run before the model changes."""
-        from .loading import load_adapter
-
         load_adapter(
             self, peft_model_id, adapter_name="default" if adapter_name is None else adapter_name,
             revision=revision, token=token, is_trainable=is_trainable, strict=strict, **hub_kwargs,
@@ -399,8 +397,6 @@ class SPPModelMixin:
         **kwargs: Any,
     ) -> str:
         """Upload only the adapter (spp_config.json, spp_adapter.safetensors, README.md with the SPP card)."""
-        from ..hub.transfer import push_adapter
-
         return push_adapter(
             self, repo_id, private=private, revision=revision, commit_message=commit_message, token=token, create_pr=create_pr
         )
@@ -409,3 +405,37 @@ class SPPModelMixin:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+
+def load_adapter(
+    model: nn.Module,
+    path_or_repo: str | os.PathLike,
+    adapter_name: str = "default",
+    strict: bool = True,
+    is_trainable: bool = False,
+    **hub_kwargs: Any,
+) -> None:
+    """Load a saved adapter into an SPP model under `adapter_name` (replacing one of that name) and make it
+    active. Everything is read and checked before the model changes; on any error it is as before."""
+    check_adapter_name(adapter_name)
+    refuse_if_merged(model, "load an adapter")
+    directory = resolve_adapter(path_or_repo, **{k: v for k, v in hub_kwargs.items() if v is not None})
+    config, state = read_adapter(directory)
+    check_same_method(model.spp_config.get(adapter_name), config, adapter_name, directory)
+    targets, own = adapter_targets(config, state), [n for n, _ in model.spp_layers()]
+    if sorted(targets) != sorted(own):
+        extra, absent = sorted(set(targets) - set(own)), sorted(set(own) - set(targets))
+        raise ValueError(
+            f"The adapter at {directory} applies to other layers than this model's SPP layers (only in the adapter: "
+            f"{extra[:3]}, only in the model: {absent[:3]}). Load it onto its own base with SPPModel.from_pretrained."
+        )
+    layers = dict(model.spp_layers())
+    expected = {}
+    for name, layer in layers.items():
+        for key, shape in layer.adapter_shapes(config, name).items():
+            expected[f"{name}.{key}"] = shape
+    check_adapter_tensors(expected, state, str(directory / WEIGHTS_NAME))
+    check_fingerprint(config, model.spp_fingerprint(), strict=strict)
+    model._install_adapter(adapter_name, config, state)
+    for layer in layers.values():
+        layer.set_trainable(is_trainable)

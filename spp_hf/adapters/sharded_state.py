@@ -9,8 +9,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..sparsity import fingerprint_modules
+from torch.distributed.tensor import DTensor, distribute_tensor
+
 from ..layer_weights import dense_weight
+from ..sparsity import fingerprint_modules
+from .state import adapter_key, check_adapter_tensors
+from .layer import SPPLinear
 
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -22,33 +26,29 @@ def _clean_name(name: str) -> str:
     return name
 
 
-def _is_zero3(param: torch.Tensor) -> bool:
+def is_zero3(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor of an FSDP2 DTensor shard (a collective: call it on every rank); others as they are."""
-    from torch.distributed.tensor import DTensor
-
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 @contextmanager
 def _zero3_gathered(params: list[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
     """DeepSpeed ZeRO-3: gather partitioned parameters for the block (no-op for ordinary tensors)."""
-    params = [p for p in params if _is_zero3(p)]
+    params = [p for p in params if is_zero3(p)]
     if not params:
         yield
         return
-    import deepspeed
+    import deepspeed  # optional: only present (and only needed) under DeepSpeed ZeRO-3
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
         yield
 
 
-def _spp_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    from .layer import SPPLinear
-
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if isinstance(module, SPPLinear):
             yield _clean_name(name), module
@@ -60,10 +60,10 @@ def iter_full_base_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor
     Works on a plain model, under DDP, FSDP2 (DTensor), DeepSpeed ZeRO-3 and, inside
     ``FSDP.summon_full_params``, FSDP1. Under sharding every rank must iterate (the gathers are collective).
     """
-    for name, layer in _spp_layers(model):
+    for name, layer in adapter_layers(model):
         base = layer.base_layer
         with _zero3_gathered(list(base.parameters(recurse=False))):
-            yield name, _full(dense_weight(base)).detach()
+            yield name, full_tensor(dense_weight(base)).detach()
 
 
 def spp_mask_fingerprint(model: nn.Module) -> dict:
@@ -78,22 +78,18 @@ def gather_spp_state(model: nn.Module) -> dict[str, torch.Tensor]:
     Collective under FSDP2 / ZeRO-3: call it on every rank.
     """
     state = {}
-    for name, layer in _spp_layers(model):
+    for name, layer in adapter_layers(model):
         params = layer.adapter_parameters()
         with _zero3_gathered(list(params.values())):
             for key, param in params.items():
-                state[f"{name}.{key}"] = _full(param).detach().cpu().clone()
+                state[adapter_key(name, key)] = full_tensor(param).detach().cpu().clone()
     return state
 
 
 def load_spp_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy tensors into the active adapter, sharded or not; names, shapes and values are checked before any write."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    from .loading import check_adapter_tensors
-
-    own = {f"{name}.{key}": param for name, layer in _spp_layers(model) for key, param in layer.adapter_parameters().items()}
-    shapes = {key: tuple(param.ds_shape) if _is_zero3(param) else tuple(param.shape) for key, param in own.items()}
+    own = {adapter_key(name, key): param for name, layer in adapter_layers(model) for key, param in layer.adapter_parameters().items()}
+    shapes = {key: tuple(param.ds_shape) if is_zero3(param) else tuple(param.shape) for key, param in own.items()}
     check_adapter_tensors(shapes, state, "the SPP checkpoint (resume with the same base and spp_config: target_modules, r)")
     with torch.no_grad():
         for key, param in own.items():

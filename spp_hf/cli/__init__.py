@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..pipeline import evaluation
-from ..pipeline import run as pipeline
-from . import hub
-from . import inspect
-from . import prune
+from ..training.cpu_allocator import keep_freed_memory
+from . import eval as evaluate
+from . import hub, inspect, prune, run
 
 # each has `register_cli(subparsers)`, adding sub-commands whose `func(args)` runs them
-COMMAND_GROUPS = (prune, hub, inspect, evaluation, pipeline)
+COMMAND_GROUPS = (prune, hub, inspect, evaluate, run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +23,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..training.cpu_allocator import keep_freed_memory
-
     keep_freed_memory()  # CPU training and pruning reuse freed buffers instead of faulting them back in
     return int(args.func(args) or 0)
 

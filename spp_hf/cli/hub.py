@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from ..adapters.merging import merge_to_folder
+from ..hub.publish import publish_run
+from ..hub.transfer import describe_folder, is_adapter_folder, push_adapter_folder, push_folder
 from .common import add_hub_args
 
 
@@ -44,8 +47,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    from ..hub.transfer import describe_folder, is_adapter_folder, push_adapter_folder, push_folder
-
     folder = Path(args.folder)
     kind = describe_folder(folder)
     if not (folder / "README.md").is_file():
@@ -63,8 +64,6 @@ def _run_push(args: argparse.Namespace) -> int:
 
 
 def _run_publish(args: argparse.Namespace) -> int:
-    from ..hub.publish import publish_run
-
     for repo in publish_run(args.run_dir, args.repo_id, merged=args.merged, private=args.private, token=args.token,
                             dense_model=args.dense_model):  # fmt: skip
         print(f"pushed {repo.role} {repo.folder} -> {repo.repo_id} @ {repo.commit[:12]}")
@@ -72,8 +71,6 @@ def _run_publish(args: argparse.Namespace) -> int:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from ..hub.transfer import merge_to_folder
-
     eval_results = json.loads(Path(args.eval_results).read_text()) if args.eval_results else None
     out = merge_to_folder(
         args.adapter, args.out, base_model=args.base, base_revision=args.base_revision, revision=args.revision,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..hub.inspection import inspect_target
 from .common import add_hub_args
 
 
@@ -17,8 +18,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from ..hub.inspection import inspect_target
-
     result = inspect_target(args.target, revision=args.revision, token=args.token)
     print(json.dumps(result.to_dict(), indent=2, default=str) if args.json else result)
     return 0 if result.ok else 1

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..pruning.api import METHODS
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..hub.transfer import push_folder
+from ..pruning import METHODS, parse_sparsity, prune, save_pruned
+from ..storage import check_model_folder_target
 
 
 def register_cli(subparsers: Any) -> None:
@@ -36,12 +41,6 @@ def register_cli(subparsers: Any) -> None:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..storage import check_model_folder_target
-    from ..pruning import parse_sparsity, prune, save_pruned
-
     try:  # fail on a bad spec or an output folder spp-hf may not write before loading anything
         parse_sparsity(args.sparsity)
         check_model_folder_target(args.out, "pruned-base")
@@ -65,7 +64,5 @@ def run_prune(args: argparse.Namespace) -> int:
     print(f"{args.method} {report.sparsity}: {report.ratio:.2%} of {len(report.modules)} modules zero "
           f"({report.pattern or 'unstructured'}) in {report.seconds:.1f}s -> {out}")
     if args.push_to_hub:
-        from ..hub.transfer import push_folder
-
         print(f"pushed to {push_folder(out, args.push_to_hub, private=args.private, commit_message='Upload pruned base with spp-hf')}")
     return 0

@@ -32,6 +32,9 @@ CORPORA: dict[str, tuple[Path, int, int | None]] = {
     "c4-heldout": (C4_SAMPLE_FILE, C4_CALIBRATION_DOCS, None),
 }
 HELDOUT = ("wiki-validation", "c4-heldout")  # never trained on or calibrated with by the pipeline
+BUNDLED_ALPACA = DATA_DIR / "alpaca" / "alpaca_sample_500.json"
+# every bundled data name -> its file ("bundled" is the Alpaca sample; the rest are the corpora above)
+BUNDLED = {"bundled": BUNDLED_ALPACA, **{name: path for name, (path, _, _) in CORPORA.items()}}
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -7,6 +7,10 @@ import importlib.util
 import os
 from pathlib import Path
 
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..storage import atomic_dir
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Hub repo these weights come from, for cards
 
@@ -30,10 +34,6 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     target = Path(cache_dir or default_cache_dir()) / "SmolLM2-135M-Instruct"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..storage import atomic_dir
-
     folder = gguf_folder()
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)

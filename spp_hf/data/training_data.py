@@ -6,11 +6,9 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
-from .corpora import CORPORA, DATA_DIR, documents
+from .corpora import BUNDLED, BUNDLED_ALPACA, CORPORA, documents
 
-BUNDLED_ALPACA = DATA_DIR / "alpaca" / "alpaca_sample_500.json"
 # Every name of data shipped with spp-hf (the corpora are parts of files: see spp_hf.data.corpora).
-BUNDLED = {"bundled": BUNDLED_ALPACA, **{name: path for name, (path, _, _) in CORPORA.items()}}
 
 PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

@@ -19,10 +19,26 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
+import huggingface_hub
+import torch
+import transformers
+from huggingface_hub import (
+    EvalResult,
+    ModelCard,
+    ModelCardData,
+    constants,
+    get_hf_file_metadata,
+    hf_hub_download,
+    hf_hub_url,
+    try_to_load_from_cache,
+)
 
-from ..adapters.config import AdapterConfig, MaskedLoRAConfig
-from .transfer import is_hub_id
+from ..adapters.config import AdapterConfig
+from ..adapters.kinds import KINDS, kind_named
+from ..data.corpora import BUNDLED
+from ..sparsity import SparsityReport, sparsity_report
+from ..version import __version__
+from .paths import is_hub_id
 
 PLACEHOLDER_REPO_ID = "<this-repo-id>"
 KNOWN_METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -112,8 +128,8 @@ def render_adapter_card(
     if final_loss is not None:
         settings.append(("Final training loss", f"{final_loss:.4f}"))
     settings += [(str(k), f"`{v}`") for k, v in sorted((training_args or {}).items()) if v is not None]
-    label = METHOD_LABELS[config.method]
-    title = f"{label} adapter for {_short(base)}" if base else f"{label} adapter"
+    kind = kind_named(config.method)
+    title = f"{kind.label} adapter for {_short(base)}" if base else f"{kind.label} adapter"
     card_data = _card_data(
         base_model=base,
         relation="adapter",
@@ -124,25 +140,14 @@ def render_adapter_card(
         eval_results=results,
         model_name=repo_id or title,
     )
-    fingerprint = (config.mask_fingerprint or {}).get("hash")
-    return _render(
-        "adapter",
-        card_data,
-        title=title,
-        repo_id=repo_id or PLACEHOLDER_REPO_ID,
-        base_link=_link(base),
-        base_revision=config.base_model_revision or "not recorded",
-        fingerprint=fingerprint[:16] if fingerprint else "not recorded",
-        num_layers=len((config.mask_fingerprint or {}).get("modules", {})),
+    description = kind.adapter_description.format(
+        base_link=_link(base), num_layers=len((config.mask_fingerprint or {}).get("modules", {})),
         adapter_params=f"{_adapter_params(config):,}",
-        method=config.method,
-        sparsity_summary=_summary(report),
-        **_sparsity_rows(report),
-        training_settings=settings,
-        eval_rows=_eval_rows(results),
-        related=_related(related),
-        versions=_versions(),
     )
+    return _render(
+        "adapter", card_data, **_adapter_fields(config, report, results, repo_id, related),
+        title=title, description=description, training_settings=settings,
+    )  # fmt: skip
 
 
 def render_merged_card(
@@ -163,40 +168,41 @@ def render_merged_card(
     report = _report_dict(report)
     base = adapter_config.base_model_name_or_path
     base_meta = base_metadata(base, adapter_config.base_model_revision)
-    label = METHOD_LABELS[adapter_config.method]
-    title = f"{_short(base)} + {label} (merged)" if base else f"{label}-merged sparse model"
+    kind = kind_named(adapter_config.method)
+    title = f"{_short(base)} + {kind.label} (merged)" if base else f"{kind.label}-merged sparse model"
     results = dict(eval_results or {})
     card_data = _card_data(
         base_model=base,
         relation="finetune",  # one base, fine-tuned weights: not a "merge" of several models in the Hub's sense
         library_name="transformers",
         license=license or base_meta.get("license"),
-        tags=_tags(base_meta.get("method"), report.get("pattern") or base_meta.get("pattern"), extra=["spp-merged"]),
+        tags=_tags(base_meta.get("method"), report.get("pattern") or base_meta.get("pattern"), extra=[kind.merged_model_kind]),
         datasets=[dataset_name] if _is_dataset_id(dataset_name) else None,
         eval_results=results,
         model_name=repo_id or title,
     )
-    fingerprint = (adapter_config.mask_fingerprint or {}).get("hash")
     settings = _adapter_settings(adapter_config)
     if dataset_name:
         settings.append(("Dataset", f"`{dataset_name}`"))
     return _render(
-        "merged",
-        card_data,
-        title=title,
-        repo_id=repo_id or PLACEHOLDER_REPO_ID,
-        base_link=_link(base),
-        base_revision=adapter_config.base_model_revision or "not recorded",
-        fingerprint=fingerprint[:16] if fingerprint else "not recorded",
-        adapter=_link(adapter) if adapter else "not recorded",
-        method=adapter_config.method,
-        sparsity_summary=_summary(report),
-        **_sparsity_rows(report),
-        training_settings=settings,
-        eval_rows=_eval_rows(results),
-        related=_related(related),
-        versions=_versions(),
-    )
+        "merged", card_data, **_adapter_fields(adapter_config, report, results, repo_id, related),
+        title=title, adapter=_link(adapter) if adapter else "not recorded", training_settings=settings,
+        description=kind.merged_description.format(base_link=_link(base), sparsity_summary=_summary(report)),
+    )  # fmt: skip
+
+
+def _adapter_fields(
+    config: AdapterConfig, report: dict, results: dict, repo_id: str | None, related: list[tuple[str, str]] | None
+) -> dict[str, Any]:
+    """The template fields adapter and merged-model cards share: the base, its revision and fingerprint, the
+    sparsity tables, evaluation rows, related repos and versions."""
+    fingerprint = (config.mask_fingerprint or {}).get("hash")
+    return dict(
+        repo_id=repo_id or PLACEHOLDER_REPO_ID, base_link=_link(config.base_model_name_or_path),
+        base_revision=config.base_model_revision or "not recorded",
+        fingerprint=fingerprint[:16] if fingerprint else "not recorded", sparsity_summary=_summary(report),
+        **_sparsity_rows(report), eval_rows=_eval_rows(results), related=_related(related), versions=_versions(),
+    )  # fmt: skip
 
 
 def render_baseline_merged_card(
@@ -208,16 +214,19 @@ def render_baseline_merged_card(
     related: list[tuple[str, str]] | None = None,
     license: str | None = None,  # noqa: A002
 ) -> str:
-    """Card of a merged model trained by a method of `spp_hf.pipeline.methods` without an spp-hf adapter to cite.
+    """Card of a merged model trained by a recovery method without an spp-hf adapter to cite.
 
-    `method` is the method's registry name ("lora_star", "masked_full", ...) or its label ("LoRA*"); the card
-    describes that method (LoRA*: LoRA merged, then the pruning mask re-applied; masked full fine-tuning:
-    masked gradients and updates, nothing re-applied). A method the cards do not know is only named.
+    `method` is the method's name ("lora_star", "masked_full", an adapter kind's name) or its label ("LoRA*");
+    the card describes that method (LoRA*: LoRA merged, then the pruning mask re-applied; masked full
+    fine-tuning: masked gradients and updates, nothing re-applied; an adapter kind: its own text). A method
+    the cards do not know is only named.
     """
     report = _report_dict(report)
     base_meta = base_metadata(base_model)
     key, label = _method_key(method)
+    kind = KINDS.get(key)
     title = f"{_short(base_model)} + {BASELINE_TITLES.get(key, f'{label} (merged)')}"
+    description = kind.merged_description if kind else BASELINE_DESCRIPTIONS.get(key, BASELINE_DESCRIPTIONS[""])
     card_data = _card_data(
         base_model=base_model, relation="finetune", library_name="transformers", license=license or base_meta.get("license"),
         tags=_tags(base_meta.get("method"), report.get("pattern") or base_meta.get("pattern"), extra=[key]),
@@ -225,26 +234,41 @@ def render_baseline_merged_card(
     )  # fmt: skip
     return _render(
         "baseline_merged", card_data, title=title, repo_id=repo_id or PLACEHOLDER_REPO_ID, base_link=_link(base_model),
-        method=label, method_key=key, sparsity_summary=_summary(report), **_sparsity_rows(report),
+        description=description.format(base_link=_link(base_model), sparsity_summary=_summary(report), method=label),
+        sparsity_summary=_summary(report), **_sparsity_rows(report),
         related=_related(related), versions=_versions(),
     )  # fmt: skip
 
 
-BASELINE_TITLES = {
-    "lora_star": "LoRA* (merged, mask re-applied)",
-    "masked_full": "masked full fine-tuning",
-    "masked_lora": "Masked-LoRA (merged)",
-    "spp": "SPP (merged)",
+# The recovery baselines that merge without an spp-hf adapter (the pipeline's `lora_star` and `masked_full`).
+BASELINE_LABELS = {"lora_star": "LoRA*", "masked_full": "masked full fine-tuning"}
+BASELINE_TITLES = {"lora_star": "LoRA* (merged, mask re-applied)", "masked_full": "masked full fine-tuning"}
+BASELINE_DESCRIPTIONS = {
+    "lora_star": (
+        "The pruned model {base_link} fine-tuned with **LoRA**, merged, with the pruning mask re-applied after "
+        "merging (the LoRA* baseline of the SPP paper, Table 5): LoRA's update is dense, so the weights the pruning "
+        "zeroed were set back to zero. It has exactly the base's zeros ({sparsity_summary} in the linear layers) and "
+        "loads as a plain transformers model."
+    ),
+    "masked_full": (
+        "The pruned model {base_link} after **masked full fine-tuning**: every non-zero weight of the targeted "
+        "layers was trained, with gradients and optimizer updates masked by the pruning mask, so the pruned weights "
+        "stayed zero throughout and nothing was changed after training. It has exactly the base's zeros "
+        "({sparsity_summary} in the linear layers) and loads as a plain transformers model."
+    ),
+    "": (
+        "The pruned model {base_link} fine-tuned with **{method}** and merged. It has exactly the base's zeros "
+        "({sparsity_summary} in the linear layers) and loads as a plain transformers model."
+    ),
 }
 
 
 def _method_key(method: str) -> tuple[str, str]:
-    """(registry name, label) of a method of `spp_hf.pipeline.methods` named either way; an unknown one is both."""
-    from ..pipeline.methods import METHODS
-
-    if method in METHODS:
-        return method, METHODS[method].label
-    return next(((name, m.label) for name, m in METHODS.items() if m.label == method), (method, method))
+    """(name, label) of a baseline or adapter kind named either way; an unknown method is both."""
+    labels = {**BASELINE_LABELS, **{name: kind.label for name, kind in KINDS.items()}}
+    if method in labels:
+        return method, labels[method]
+    return next(((name, label) for name, label in labels.items() if label == method), (method, method))
 
 
 def template_path(kind: str) -> Path:
@@ -306,8 +330,6 @@ def _base_file(name_or_path: str, filename: str, revision: str | None) -> Path |
         return local / filename if (local / filename).is_file() else None
     if not is_hub_id(name_or_path):
         return None
-    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
-
     cached = try_to_load_from_cache(name_or_path, filename, revision=revision)
     if isinstance(cached, str):
         return Path(cached)
@@ -324,8 +346,6 @@ def _base_file(name_or_path: str, filename: str, revision: str | None) -> Path |
 # --------------------------------------------------------------------------- helpers
 def _is_dataset_id(name: str | None) -> bool:
     """A Hub dataset id, not a local data file or the name of a sample bundled with spp-hf."""
-    from ..data.training_data import BUNDLED
-
     data_file = bool(name) and str(name).endswith((".json", ".jsonl", ".txt", ".csv", ".parquet"))
     return is_hub_id(name) and name not in BUNDLED and not data_file
 
@@ -395,8 +415,6 @@ def _report_dict(report: Any) -> dict:
 
 def _model_report(model: Any, names: Iterable[str] | None = None) -> dict:
     """Sparsity report measured on the model's weights, restricted to `names` (the adapter's layers) if given."""
-    from ..sparsity import SparsityReport, sparsity_report
-
     report = sparsity_report(model)
     if names is not None:
         keep = set(names)
@@ -443,42 +461,14 @@ def _sparsity_rows(report: dict) -> dict[str, list[dict[str, Any]]]:
     return {"sparsity_by_type": summary, "sparsity_layers": layers}
 
 
-METHOD_LABELS = {"spp": "SPP", "masked_lora": "Masked-LoRA"}
-
-
 def _adapter_settings(config: AdapterConfig) -> list[tuple[str, str]]:
-    targets = config.target_modules if isinstance(config.target_modules, str) else ", ".join(config.target_modules)
-    if isinstance(config, MaskedLoRAConfig):
-        return [
-            ("method", "masked LoRA: W + (lora_alpha / r)·(B A) ⊙ (W ≠ 0)"),
-            ("r (LoRA rank)", str(config.r)),
-            ("lora_alpha", f"{config.lora_alpha:g}"),
-            ("dropout", f"{config.dropout:g}"),
-            ("target modules", f"`{targets}`"),
-            ("adapter dtype", config.adapter_dtype),
-        ]
-    return [
-        ("r (rows of α)", str(config.r)),
-        ("scale s", f"{config.scale:g}"),
-        ("dropout", f"{config.dropout:g}"),
-        ("target modules", f"`{targets}`"),
-        ("trainable β", str(config.use_beta)),
-        ("zero-initialised factor", config.zero_init),
-        ("adapter dtype", config.adapter_dtype),
-    ]
+    return kind_named(config.method).card_settings(config)
 
 
 def _adapter_params(config: AdapterConfig) -> int:
-    """Trainable parameters over the layers in the adapter's fingerprint: SPP α (r × in) plus β (out × 1,
-    when trained); masked LoRA A (r × in) plus B (out × r)."""
-    total = 0
-    for module in (config.mask_fingerprint or {}).get("modules", {}).values():
-        out_features, in_features = module["shape"]
-        if isinstance(config, MaskedLoRAConfig):
-            total += config.r * (in_features + out_features)
-        else:
-            total += config.r * in_features + (out_features if config.use_beta else 0)
-    return total
+    """Trainable parameters over the layers in the adapter's fingerprint, as its kind counts them."""
+    count = kind_named(config.method).parameter_count
+    return sum(count(config, *module["shape"]) for module in (config.mask_fingerprint or {}).get("modules", {}).values())
 
 
 def _eval_entries(eval_results: dict | None) -> list[tuple[str, str, float]]:
@@ -507,11 +497,5 @@ def _is_number(value: Any) -> bool:
 
 
 def _versions() -> list[tuple[str, str]]:
-    import huggingface_hub
-    import torch
-    import transformers
-
-    from .. import __version__
-
     return [("spp-hf", __version__), ("transformers", transformers.__version__), ("torch", torch.__version__),
             ("huggingface_hub", huggingface_hub.__version__)]  # fmt: skip

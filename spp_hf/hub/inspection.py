@@ -11,10 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..storage import ADAPTER_FILES, CONFIG_NAME, SPARSITY_NAME, read_adapter_files, read_sparsity_json, sparsity_fingerprint
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
+from transformers import AutoModelForCausalLM
+
 from ..adapters.config import AdapterConfig
+from ..adapters.kinds import kind_named
+from ..sparsity import fingerprint_modules, iter_linear_weights, sparsity_report, zero_mask_differences
+from ..storage import ADAPTER_FILES, CONFIG_NAME, SPARSITY_NAME, read_adapter_files, read_sparsity_json, sparsity_fingerprint
+from .cards import fingerprint_report
 from .transfer import KIND_HINT_FILES, SPPHubError, explain_hub_error, fetch_sparsity_json
-from ..sparsity import zero_mask_differences
 
 
 @dataclass
@@ -80,9 +87,6 @@ def _small_files(target: str, revision: str | None, token: str | bool | None) ->
     local = Path(target).expanduser()
     if local.is_dir():
         return local, str(local.resolve())
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
-
     try:
         path = Path(snapshot_download(target, revision=revision, token=token, allow_patterns=[*ADAPTER_FILES, *KIND_HINT_FILES]))
     except (HfHubHTTPError, EntryNotFoundError, OfflineModeIsEnabled) as err:
@@ -93,19 +97,15 @@ def _small_files(target: str, revision: str | None, token: str | bool | None) ->
 def _with_weights(target: str, folder: Path, revision: str | None, token: str | bool | None) -> Path:
     if Path(target).expanduser().is_dir():
         return folder
-    from huggingface_hub import snapshot_download
-
     return Path(snapshot_download(target, revision=revision, token=token, ignore_patterns=["*.bin", "*.pt", "*.pth", "*.gguf"]))
 
 
 def _inspect_adapter(target: str, folder: Path, location: str) -> Inspection:
-    from .cards import METHOD_LABELS, fingerprint_report
-
     config = AdapterConfig.from_json_file(folder / CONFIG_NAME)
     fingerprint = config.mask_fingerprint or {}
     report = fingerprint_report(fingerprint)
     result = Inspection(
-        target, f"{METHOD_LABELS[config.method]} adapter", location, config=config.to_dict(), base=config.base_model_name_or_path,
+        target, f"{kind_named(config.method).label} adapter", location, config=config.to_dict(), base=config.base_model_name_or_path,
         base_revision=config.base_model_revision, fingerprint=fingerprint.get("hash"), layers=report["layers"],
         ratio=report["ratio"] if report["layers"] else None,
     )  # fmt: skip
@@ -121,11 +121,6 @@ def _inspect_adapter(target: str, folder: Path, location: str) -> Inspection:
 
 def _weights_fingerprint(folder: Path) -> tuple[dict, dict]:
     """Sparsity report and mask fingerprint measured on the weights of a saved transformers model."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ..sparsity import fingerprint_modules, iter_linear_weights, sparsity_report
-
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     with torch.no_grad():
         return sparsity_report(model).to_dict(), fingerprint_modules(iter_linear_weights(model))

@@ -1,42 +1,50 @@
 """`publish_run`: push a whole `spp-hf run` folder to the Hub as repos that name each other.
 
-    runs/<name>/pruned                   -> ORG/NAME                 (pruned base)
-    runs/<name>/spp_s0/adapter           -> ORG/NAME-spp             (adapter re-keyed to ORG/NAME at the pushed commit)
-    runs/<name>/spp_s0/merged            -> ORG/NAME-spp-merged      (with merged=True)
-    runs/<name>/<method>_s<seed>/merged  -> ORG/NAME-<method>-merged (other trained methods, e.g. lora_star)
+    runs/<name>/pruned                  -> ORG/NAME                (pruned base)
+    runs/<name>/spp_s0/adapter          -> ORG/NAME-spp            (adapter re-keyed to ORG/NAME at the pushed commit)
+    runs/<name>/spp_s0/merged           -> ORG/NAME-spp-merged     (with merged=True)
+    runs/<name>/<entry>_s<seed>/merged  -> ORG/NAME-<entry>-merged (other trained methods, e.g. lora_star)
 
-A method trained at several seeds keeps the seed in its repo names (ORG/NAME-spp_s1, ...).
+The folders are found through the run layout (`spp_hf.pipeline.layout`). An entry trained at several seeds
+keeps the seed in its repo names (ORG/NAME-spp_s1, ...).
 
 Everything is checked before the first push: the adapter and every merged model have the pruned
 base's zeros. Between the pushes the adapter is keyed to the base commit just pushed, after checking
 the mask fingerprint the Hub now serves there. Files that name local paths (sparsity.json, cards,
-the adapter config) are rewritten for the Hub, and the upload is refused if any file still holds a
-path of this machine. The run folder itself is not changed.
+the adapter config) are rewritten for the Hub: the run's own folders by their repo ids, any other path
+dropped by the one scrubber (`spp_hf.hub.paths`); the upload is refused if any file still holds a path
+of this machine. The run folder itself is not changed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoModelForCausalLM
+
+from ..adapters.config import AdapterConfig
+from ..data.default_model import HUB_ID
+from ..pipeline.layout import RunLayout
+from ..sparsity import model_sparsity_record, zero_mask_differences
 from ..storage import (
-    CONFIG_NAME,
+    MODEL_KINDS,
     README_NAME,
     SPARSITY_NAME,
+    AdapterFiles,
     json_bytes,
-    model_sparsity_record,
     read_adapter_files,
     read_sparsity_json,
     sparsity_fingerprint,
     write_adapters,
 )
-from .transfer import SPPHubError, is_hub_id, push_folder, verified_base
-from ..sparsity import zero_mask_differences
+from .cards import render_adapter_card, render_baseline_merged_card, render_merged_card, render_pruned_base_card
+from .paths import is_hub_id, without_local_paths
+from .transfer import SPPHubError, push_folder, verified_base
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -53,10 +61,11 @@ class PublishedRepo:
 
 @dataclass
 class RunVariant:
-    """One trained variant of a run: its folder, method, and the adapter / merged model it wrote."""
+    """One trained variant of a run: its folder, `methods:` entry and method, and the adapter / merged model it wrote."""
 
     folder: Path
-    method: str
+    entry: str  # the `methods:` entry it was trained for (its folder name without the seed)
+    method: str  # the registered method it trained with, as its records say (older runs: its entry)
     adapter: Path | None
     merged: Path | None
 
@@ -71,33 +80,44 @@ class RunArtifacts:
 
 
 def run_artifacts(run_dir: str | os.PathLike) -> RunArtifacts:
-    """Find the pruned base and every variant's adapter and merged model in a run folder."""
-    run = Path(run_dir)
-    pruned = run / "pruned"
-    if read_sparsity_json(pruned) is None:
+    """Find the pruned base and every variant's adapter and merged model in a run folder (`spp_hf.pipeline.layout`)."""
+    layout = RunLayout(Path(run_dir))
+    if read_sparsity_json(layout.pruned) is None:
         raise FileNotFoundError(
-            f"{pruned} has no {SPARSITY_NAME}: {run} is not a finished `spp-hf run` folder. Run `spp-hf run` first, or "
-            "push single folders with `spp-hf push`."
+            f"{layout.pruned} has no {SPARSITY_NAME}: {layout.root} is not a finished `spp-hf run` folder. Run `spp-hf run` "
+            "first, or push single folders with `spp-hf push`."
         )
-    found = []
-    for folder in sorted(p for p in run.iterdir() if p.is_dir() and p.name != "pruned"):
-        adapter, merged = folder / "adapter", folder / "merged"
-        adapter = adapter if (adapter / CONFIG_NAME).is_file() else None
-        merged = merged if (merged / "config.json").is_file() else None
-        if adapter or merged:
-            found.append(RunVariant(folder, re.sub(r"_s\d+$", "", folder.name), adapter, merged))
-    methods = [v.method for v in found]
-    variants = {(v.method if methods.count(v.method) == 1 else v.folder.name): v for v in found}
-    return RunArtifacts(pruned, variants, _dense_model(run))
+    found = [_run_variant(layout, name) for name in layout.trained_variants()]
+    entries = [v.entry for v in found]
+    variants = {(v.entry if entries.count(v.entry) == 1 else v.folder.name): v for v in found}
+    return RunArtifacts(layout.pruned, variants, _dense_model(layout))
 
 
-def _dense_model(run: Path) -> str | None:
-    from ..data.default_model import HUB_ID
+def _run_variant(layout: RunLayout, name: str) -> RunVariant:
+    adapter = layout.adapter(name) if layout.has_adapter(name) else None
+    merged = layout.merged(name) if layout.has_merged(name) else None
+    entry = RunLayout.entry_of(name)
+    return RunVariant(layout.variant(name), entry, _recorded_method(layout, name, merged) or entry, adapter, merged)
 
+
+def _recorded_method(layout: RunLayout, name: str, merged: Path | None) -> str | None:
+    """The method the variant's merged sparsity.json or training metrics record (runs before they did: None)."""
+    metrics = layout.train_metrics(name)
+    for record in (read_sparsity_json(merged) if merged else None, _read_json(metrics) if metrics.is_file() else None):
+        if isinstance(record, dict) and record.get("method"):
+            return str(record["method"])
+    return None
+
+
+def _read_json(path: Path) -> Any:
     try:
-        name = json.loads((run / "config.json").read_text()).get("model")
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _dense_model(layout: RunLayout) -> str | None:
+    name = (_read_json(layout.config) or {}).get("model")
     if name == "smollm2":
         return HUB_ID
     return name if is_hub_id(name) else None
@@ -126,20 +146,21 @@ def publish_run(
         raise ValueError(f"{found.pruned / SPARSITY_NAME} records no mask fingerprint; prune again with spp-hf.")
     adapters = {suffix: _checked_adapter(v.adapter, found.pruned, base_fp) for suffix, v in found.variants.items() if v.adapter}
     records = {suffix: _merged_record(v.merged, v.method, base_fp) for suffix, v in found.variants.items() if v.merged and merged}
+    known = _known_paths(found, names, base_data, dense)
     roots = _local_roots(run)
     published = []
     with tempfile.TemporaryDirectory(prefix="spp-publish-") as tmp:
-        mirror = _base_mirror(found.pruned, Path(tmp) / "pruned", base_data, dense, names, roots)
+        mirror = _base_mirror(found.pruned, Path(tmp) / "pruned", base_data, dense, names, known, roots)
         commit = push_folder(mirror, repo_id, private=private, token=token, commit_message="Upload pruned base with spp-hf")
         published.append(PublishedRepo("pruned base", found.pruned, repo_id, commit.oid))
         for suffix, adapter in adapters.items():
             sha = verified_base(repo_id, commit.oid, adapter[0]["mask_fingerprint"], token)
-            mirror = _adapter_mirror(adapter, Path(tmp) / suffix, names, suffix, sha, roots)
+            mirror = _adapter_mirror(adapter, Path(tmp) / suffix, names, suffix, sha, known, roots)
             pushed = push_folder(mirror, names[suffix], private=private, token=token, commit_message=f"Upload {suffix} adapter")
             published.append(PublishedRepo(f"{suffix} adapter", found.variants[suffix].adapter, names[suffix], pushed.oid))
         for suffix, record in records.items():
             variant, own = found.variants[suffix], f"{suffix}-merged"
-            mirror = _merged_mirror(variant, Path(tmp) / own, suffix, record, names, commit.oid, roots)
+            mirror = _merged_mirror(variant, Path(tmp) / own, suffix, record, names, commit.oid, known, roots)
             pushed = push_folder(mirror, names[own], private=private, token=token, commit_message=f"Upload merged {suffix} model")
             published.append(PublishedRepo(f"merged {suffix} model", variant.merged, names[own], pushed.oid))
     return published
@@ -181,15 +202,14 @@ def _related(names: dict[str, str], own: str) -> list[tuple[str, str]]:
 
 def _merged_record(folder: Path, method: str, base_fp: dict) -> dict:
     """sparsity.json of a merged model as measured on its weights, refused if its zeros are not the base's."""
-    from transformers import AutoModelForCausalLM
-
+    saved = read_sparsity_json(folder) or {}
+    kind = saved["kind"] if saved.get("kind") in MODEL_KINDS else ("spp-merged" if method == "spp" else "merged")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
-    kind = "spp-merged" if method == "spp" else "merged"
     try:
         record = model_sparsity_record(model, kind, base_mask_fingerprint=base_fp)
     except ValueError as err:
         raise ValueError(f"{folder}: {err}") from None
-    return {**(read_sparsity_json(folder) or {}), **record, "method": method}
+    return {**saved, **record, "method": method}
 
 
 def _local_roots(run: Path) -> set[str]:
@@ -197,15 +217,34 @@ def _local_roots(run: Path) -> set[str]:
     return {r for r in roots if r != os.sep}
 
 
-def _public(value: Any, mapping: dict[str, str | None]) -> Any:
-    """`value` with strings naming local paths replaced: known folders by their repo ids, others by their name."""
+def _known_paths(found: RunArtifacts, names: dict[str, str], base_data: dict, dense: str | None) -> dict[str, str | None]:
+    """{resolved local path: what the Hub calls it}: the run's folders by their repo ids, the dense model by its Hub id."""
+    known: dict[str, str | None] = {str(found.pruned.resolve()): names["base"]}
+    if base_data.get("base_model"):
+        known[str(Path(base_data["base_model"]).expanduser().resolve())] = dense
+    for suffix, variant in found.variants.items():
+        if variant.adapter and suffix in names:
+            known[str(variant.adapter.resolve())] = names[suffix]
+        if variant.merged and f"{suffix}-merged" in names:
+            known[str(variant.merged.resolve())] = names[f"{suffix}-merged"]
+    return known
+
+
+def _public(value: Any, known: dict[str, str | None]) -> Any:
+    """JSON data fit for the Hub: strings naming a `known` path become its public name, and every other path of
+    this machine is dropped by the one scrubber (`spp_hf.hub.paths.without_local_paths`)."""
+    return without_local_paths(_named(value, known))[0]
+
+
+def _named(value: Any, known: dict[str, str | None]) -> Any:
     if isinstance(value, dict):
-        return {k: _public(v, mapping) for k, v in value.items()}
+        return {k: _named(v, known) for k, v in value.items()}
     if isinstance(value, list):
-        return [_public(v, mapping) for v in value]
-    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~") or ("/" in value and os.path.exists(value))):
-        resolved = str(Path(value).expanduser().resolve())
-        return mapping[resolved] if resolved in mapping else Path(value).name
+        return [_named(v, known) for v in value]
+    if isinstance(value, str) and value:
+        path = Path(value).expanduser()
+        if path.is_absolute() or path.exists():
+            return known.get(str(path.resolve()), value)
     return value
 
 
@@ -230,11 +269,8 @@ def _mirror(folder: Path, mirror: Path, replaced: dict[str, bytes], roots: set[s
     return mirror
 
 
-def _base_mirror(folder: Path, mirror: Path, data: dict, dense: str | None, names: dict, roots: set[str]) -> Path:
-    from .cards import render_pruned_base_card
-
-    public = _public(data, {str(Path(data.get("base_model") or "").resolve()): dense} if data.get("base_model") else {})
-    public["base_model"] = dense
+def _base_mirror(folder: Path, mirror: Path, data: dict, dense: str | None, names: dict, known: dict, roots: set[str]) -> Path:
+    public = {**_public(data, known), "base_model": dense}
     card = render_pruned_base_card(
         dense or "", public.get("method", "?"), str(public.get("sparsity", "?")), str(public.get("calibration") or "none"),
         public, public.get("perplexity"), repo_id=names["base"], perplexity_dataset=public.get("perplexity_dataset"),
@@ -243,29 +279,23 @@ def _base_mirror(folder: Path, mirror: Path, data: dict, dense: str | None, name
     return _mirror(folder, mirror, {SPARSITY_NAME: json_bytes(public), README_NAME: card.encode()}, roots)
 
 
-def _adapter_mirror(adapter: tuple[dict, dict], mirror: Path, names: dict, suffix: str, sha: str, roots: set[str]) -> Path:
-    from ..storage import AdapterFiles
-    from .cards import render_adapter_card
-    from ..adapters.config import AdapterConfig
-
+def _adapter_mirror(
+    adapter: tuple[dict, dict], mirror: Path, names: dict, suffix: str, sha: str, known: dict, roots: set[str]
+) -> Path:
     config, tensors = adapter
-    config = {**_public(config, {}), "base_model_name_or_path": names["base"], "base_model_revision": sha}
+    config = {**_public(config, known), "base_model_name_or_path": names["base"], "base_model_revision": sha}
     card = render_adapter_card(AdapterConfig.from_dict(config), repo_id=names[suffix], related=_related(names, suffix))
     write_adapters(mirror, {"": AdapterFiles(config, tensors, card)})
     return _mirror(mirror, mirror.parent / f"{suffix}-checked", {}, roots)
 
 
 def _merged_mirror(
-    variant: RunVariant, mirror: Path, suffix: str, record: dict, names: dict, base_sha: str, roots: set[str]
+    variant: RunVariant, mirror: Path, suffix: str, record: dict, names: dict, base_sha: str, known: dict, roots: set[str]
 ) -> Path:
-    from .cards import render_baseline_merged_card, render_merged_card
-    from ..adapters.config import AdapterConfig
-
     own = f"{suffix}-merged"
-    record = {**_public(record, {str(variant.merged.resolve()): names[own]}), "base_model": names["base"],
-              "base_model_revision": base_sha}  # fmt: skip
+    record = {**_public(record, known), "base_model": names["base"], "base_model_revision": base_sha}
     if variant.adapter is not None and suffix in names:
-        adapter_config = read_adapter_files(variant.adapter)[0]
+        adapter_config = _public(read_adapter_files(variant.adapter)[0], known)
         config = AdapterConfig.from_dict({**adapter_config, "base_model_name_or_path": names["base"], "base_model_revision": base_sha})
         record.update(adapter=names[suffix], spp_config=config.to_dict())
         card = render_merged_card(config, record, repo_id=names[own], adapter=names[suffix], related=_related(names, own))

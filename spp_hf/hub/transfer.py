@@ -7,7 +7,7 @@ in the Hugging Face stack.
 
 from __future__ import annotations
 
-import re
+import json
 import os
 import tempfile
 import warnings
@@ -16,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -26,27 +26,32 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+    RevisionResolutionError,
 )
 from huggingface_hub.utils import get_token
 
+from safetensors import safe_open
+
+from ..adapters.config import AdapterConfig
+from ..adapters.kinds import KINDS
+from ..sparsity import zero_mask_differences
 from ..storage import (
     ADAPTER_FILES,
+    AdapterFiles,
     CONFIG_NAME,
     README_NAME,
     SPARSITY_NAME,
     WEIGHTS_NAME,
     atomic_write_bytes,
-    check_model_folder_target,
     json_bytes,
-    model_sparsity_record,
     read_adapter_files,
     read_sparsity_json,
     sparsity_fingerprint,
     write_adapters,
-    write_model_folder,
 )
+from .cards import PLACEHOLDER_REPO_ID, fill_repo_id, render_adapter_card
+from .paths import is_hub_id, strip_local_paths, without_local_paths
 
-_REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][\w\-.]*/)?[A-Za-z0-9][\w\-.]{0,95}$")
 # Small files that tell what else a repo holds when it is not an SPP adapter.
 KIND_HINT_FILES = ("adapter_config.json", "config.json", SPARSITY_NAME)
 # Hidden entries of a folder a user saves into (a clone's `.git`, `.env`) are theirs, never uploaded.
@@ -127,8 +132,6 @@ def verified_base(
     as the commit its base was loaded from) that commit is pinned as is; its zeros are checked against the
     base's weights when the adapter is loaded.
     """
-    from ..sparsity import zero_mask_differences
-
     if not is_hub_id(base):
         raise SPPHubError(f"{base!r} is not a Hub repo id; pass the pruned base's repo as ORG/NAME[@REVISION].")
     try:
@@ -206,8 +209,6 @@ def push_adapter_folder(
 def _named_adapters(folder: Path) -> list[str]:
     """Sub-folders holding a named adapter saved with the model (not a Trainer's checkpoint-N beside it):
     their weights record the adapter's name, which is the folder's name."""
-    from safetensors import safe_open
-
     names = []
     for path in sorted(folder.glob(f"*/{WEIGHTS_NAME}")):
         with safe_open(str(path), framework="pt") as handle:
@@ -220,10 +221,6 @@ def _rekeyed(config: dict, tensors: dict, base: str, sha: str, repo_id: str | No
     """An adapter's files with its config pointing at `base`@`sha`. Its own card is kept when the adapter
     already named exactly that base and commit (a Trainer's card with the training details); otherwise a card
     is rendered for the new base."""
-    from ..storage import AdapterFiles
-    from .cards import render_adapter_card
-    from ..adapters.config import AdapterConfig
-
     if (config.get("base_model_name_or_path"), config.get("base_model_revision")) == (base, sha) and card.is_file():
         return AdapterFiles(config, tensors, card.read_text())
     config = {**config, "base_model_name_or_path": base, "base_model_revision": sha}
@@ -262,8 +259,6 @@ def base_commit(name: str, revision: str | None = None, token: str | bool | None
     exactly one commit of the repo; otherwise None is returned with a warning saying how to pin it.
     None for local folders.
     """
-    from huggingface_hub.errors import RevisionResolutionError
-
     if not is_hub_id(name):
         return None
     if revision is None:
@@ -310,17 +305,16 @@ def is_adapter_folder(folder: str | os.PathLike) -> bool:
 
 
 def describe_folder(folder: str | os.PathLike) -> str:
-    """'SPP adapter', 'masked-LoRA adapter', 'SPP-merged model', 'merged model', 'pruned base' or 'model', from the
-    files in a folder."""
-    import json
-
+    """What a folder holds, from its files: "<kind label> adapter" (e.g. "SPP adapter", "Masked-LoRA adapter"),
+    "SPP-merged model", "merged model", "pruned base" or "model"."""
     folder = Path(folder)
     if (folder / CONFIG_NAME).is_file():
         try:
             method = json.loads((folder / CONFIG_NAME).read_bytes()).get("method", "spp")
         except (ValueError, AttributeError):
-            method = "spp"
-        return "masked-LoRA adapter" if method == "masked_lora" else "SPP adapter"
+            method = None
+        kind = KINDS.get(method) if isinstance(method, str) else None
+        return f"{kind.label} adapter" if kind else "adapter"
     data = read_sparsity_json(folder)
     if data is not None:
         return {"spp-merged": "SPP-merged model", "merged": "merged model"}.get(data.get("kind"), "pruned base")
@@ -331,8 +325,6 @@ def describe_folder(folder: str | os.PathLike) -> str:
 def _public_view(folder: Path, repo_id: str) -> Iterator[Path]:
     """`folder`, or a mirror of it (files symlinked) fit for the Hub: the card names `repo_id` instead of the
     placeholder, and paths of this machine in the card and sparsity.json are dropped (with a warning)."""
-    from .cards import PLACEHOLDER_REPO_ID, fill_repo_id
-
     rewritten: dict[str, bytes] = {}
     card_paths: list[str] = []
     json_paths: list[str] = []
@@ -343,7 +335,7 @@ def _public_view(folder: Path, repo_id: str) -> Iterator[Path]:
             rewritten[README_NAME] = fill_repo_id(text, repo_id).encode("utf-8")
     data = read_sparsity_json(folder / SPARSITY_NAME)
     if data is not None:
-        public, json_paths = _without_local_paths(data)
+        public, json_paths = without_local_paths(data)
         if json_paths:
             rewritten[SPARSITY_NAME] = json_bytes(public)
     if not rewritten:
@@ -364,40 +356,6 @@ def _public_view(folder: Path, repo_id: str) -> Iterator[Path]:
                 else:
                     os.symlink(Path(root).resolve() / name, target / name)
         yield mirror
-
-
-_ABS_PATH_RE = re.compile(r"(?<![\w.:/~-])/(?:[\w.+@-]+/)*[\w.+@-]+")
-_LOCAL_FOLDER_RE = re.compile(r"`([^`\n]+)` \(a local folder\)")
-
-
-def _is_local_path(value: str) -> bool:
-    return len(value) > 1 and ("/" in value or os.sep in value) and os.path.exists(os.path.expanduser(value))
-
-
-def strip_local_paths(text: str) -> tuple[str, list[str]]:
-    """`text` without paths of this machine (absolute paths that exist here, and the cards' "(a local folder)")."""
-    found: list[str] = []
-
-    def drop(match: re.Match, keep: str) -> str:
-        found.append(match.group(1) if match.groups() else match.group(0))
-        return keep
-
-    text = _LOCAL_FOLDER_RE.sub(lambda m: drop(m, "a local folder (not published)"), text)
-    text = _ABS_PATH_RE.sub(lambda m: drop(m, Path(m.group(0)).name) if _is_local_path(m.group(0)) else m.group(0), text)
-    return text, found
-
-
-def _without_local_paths(value: Any) -> tuple[Any, list[str]]:
-    """JSON data with every string naming an existing local path replaced by None, and those paths."""
-    if isinstance(value, dict):
-        pairs = [(k, _without_local_paths(v)) for k, v in value.items()]
-        return {k: v for k, (v, _) in pairs}, [p for _, (_, paths) in pairs for p in paths]
-    if isinstance(value, list):
-        items = [_without_local_paths(v) for v in value]
-        return [v for v, _ in items], [p for _, paths in items for p in paths]
-    if isinstance(value, str) and _is_local_path(value):
-        return None, [value]
-    return value, []
 
 
 @contextmanager
@@ -443,6 +401,14 @@ def download_adapter(
     if not (folder / CONFIG_NAME).is_file():
         raise SPPHubError(_not_an_adapter_message(folder, repo_id, revision))
     return folder
+
+
+def resolve_adapter(path_or_repo: str | os.PathLike, **hub_kwargs: Any) -> Path:
+    """A local adapter directory, or the local snapshot of an adapter repo on the Hub."""
+    path = Path(path_or_repo)
+    if path.is_dir():
+        return path
+    return download_adapter(str(path_or_repo), **hub_kwargs)
 
 
 def explain_hub_error(err: BaseException, repo_id: str, revision: str | None, token: str | bool | None, role: str) -> str:
@@ -550,13 +516,6 @@ def _check_repo_id(name: str, what: str) -> None:
         )
 
 
-def is_hub_id(name: str | None) -> bool:
-    """A Hub repo id (`name` or `namespace/name`), not a path on this machine."""
-    if not name or os.path.exists(os.path.expanduser(name)) or name.startswith((".", "/", "~")):
-        return False
-    return bool(_REPO_ID_RE.match(name)) and ".." not in name
-
-
 def _has_token(token: str | bool | None) -> bool:
     if token is False:
         return False
@@ -571,73 +530,9 @@ def fetch_sparsity_json(name_or_path: str, revision: str | None = None, token: s
         return read_sparsity_json(local / SPARSITY_NAME)
     if not is_hub_id(name_or_path):
         return None
-    from huggingface_hub import hf_hub_download
-
     try:
         return read_sparsity_json(hf_hub_download(name_or_path, SPARSITY_NAME, revision=revision, token=token))
     except (HfHubHTTPError, EntryNotFoundError, OfflineModeIsEnabled):
         return None
 
 
-# --------------------------------------------------------------------------- merge
-def merge_to_folder(
-    adapter: str | os.PathLike,
-    out: str | os.PathLike,
-    base_model: str | None = None,
-    base_revision: str | None = None,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    torch_dtype: Any = None,
-    eval_results: dict | None = None,
-    dataset_name: str | None = None,
-    push_to_hub: str | None = None,
-    private: bool | None = False,
-) -> Path:
-    """Merge an adapter into its pruned base and save a plain transformers checkpoint that keeps the base's zeros.
-
-    Writes the model, its tokenizer (when the base has one), `sparsity.json` (report, fingerprint,
-    provenance) and a merged-model card into `out` (new, empty, or an earlier merged model) with
-    `artifacts.write_model_folder`. Refuses to write if a merged layer's zero mask differs from the
-    adapter's recorded base fingerprint. Optionally pushes the folder to `push_to_hub`.
-    """
-    from .cards import render_merged_card
-    from ..adapters.config import AdapterConfig
-    from ..adapters.loading import SPPModel, resolve_adapter
-
-    check_model_folder_target(out, "merged")  # before any download or merge
-    out = Path(out)
-    if isinstance(torch_dtype, str) and torch_dtype != "auto":
-        import torch
-
-        torch_dtype = getattr(torch, torch_dtype)
-    directory = resolve_adapter(adapter, revision=revision, token=token)
-    config = AdapterConfig.from_json_file(directory / CONFIG_NAME)
-    base_name = base_model or config.base_model_name_or_path
-    base_rev = base_revision or (config.base_model_revision if base_model is None else None)
-    model = SPPModel.from_pretrained(
-        str(directory), base_model=base_model, base_revision=base_revision, merge=True, torch_dtype=torch_dtype, token=token
-    )
-    record = model_sparsity_record(
-        model, "spp-merged" if config.method == "spp" else "merged", base_mask_fingerprint=config.mask_fingerprint, base_model=base_name,
-        base_model_revision=base_rev, adapter=str(adapter),
-        adapter_revision=directory.name if directory.parent.name == "snapshots" else revision, spp_config=config.to_dict(),
-    )  # fmt: skip
-    merged_config = AdapterConfig.from_dict({**config.to_dict(), "base_model_name_or_path": base_name, "base_model_revision": base_rev})
-    card = render_merged_card(merged_config, record, eval_results, repo_id=push_to_hub, adapter=str(adapter),
-                              dataset_name=dataset_name)  # fmt: skip
-    write_model_folder(model, _base_tokenizer(base_name, base_rev, token), out, card, record)
-    if push_to_hub:
-        push_folder(out, push_to_hub, private=private, token=token, commit_message="Upload SPP-merged model")
-    return out
-
-
-def _base_tokenizer(name: str | None, revision: str | None, token: str | bool | None) -> Any:
-    """The base's tokenizer, to save next to the merged model (None when the base has none)."""
-    if not name:
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name, revision=revision, token=token)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None

@@ -3,27 +3,30 @@
 Perplexity follows Wanda/SparseGPT (test split joined with "\\n\\n", tokenized once, non-overlapping
 windows). Zero-shot accuracy runs lm-evaluation-harness on the model object: the paper's tasks by name
 when the Hub is reachable, or the small subsets bundled with spp-hf (`spp_*` tasks in `spp_hf/data/tasks/`).
+`evaluation_record` measures a model into the one record schema (`spp_hf.pipeline.results.EvalRecord`) that
+`spp-hf eval` (`spp_hf.pipeline.evaluate_model`) and the pipeline's eval stage both write.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
-import os
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants
+from huggingface_hub.utils import get_session
 from tqdm.auto import tqdm
 
-from ..data.corpora import DATA_DIR
+from ..data.corpora import DATA_DIR, documents
+from ..sparsity import sparsity_report
+from ..version import __version__
+from .results import WIKITEXT2, EvalRecord
 
 TASKS_DIR = DATA_DIR / "tasks"
 WIKITEXT2_FILE = DATA_DIR / "wikitext2" / "test.jsonl"
@@ -39,8 +42,6 @@ DEFAULT_SEQLEN_CAP = 2048  # LLaMA-1's context, as in Wanda/SparseGPT; longer co
 def offline_mode() -> bool:
     """True when the user asked huggingface_hub not to use the network (HF_HUB_OFFLINE): huggingface_hub's
     own answer, the one spp-hf asks everywhere (datasets and transformers follow the same variable)."""
-    from huggingface_hub import constants
-
     return constants.is_offline_mode()
 
 
@@ -48,14 +49,11 @@ def offline_mode() -> bool:
 def hub_available(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face Hub answers within `timeout` seconds (False at once in offline mode).
 
-    `datasets` retries for ~25 s before failing without a network, so we probe first and use the
+    `datasets` retries for tens of seconds before failing without a network, so we probe first and use the
     bundled data when the Hub cannot be reached.
     """
     if offline_mode():
         return False
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
     try:
         get_session().head(constants.ENDPOINT, timeout=timeout)
     except Exception:  # any transport error means "not reachable"
@@ -75,7 +73,7 @@ def _load_wikitext2(source: str = "auto") -> tuple[list[str], str]:
     if source == "bundled" or (source == "auto" and not hub_available()):
         return _read_bundled_wikitext2(), "bundled"
     try:
-        import datasets
+        import datasets  # slow to import, and only needed when the Hub is reachable
 
         rows = datasets.load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test")["text"]
         return list(rows), "hub"
@@ -196,8 +194,6 @@ def corpus_perplexity(
 ) -> PerplexityResult:
     """Perplexity on a bundled corpus (`spp_hf.data.corpora`, e.g. the held-out 'wiki-validation' or 'c4-heldout'):
     its documents joined with "\\n\\n" as WikiText-2's rows are, scored like WikiText-2."""
-    from ..data.corpora import documents
-
     found = perplexity_result(model, tokenizer, "\n\n".join(documents(name)), seqlen, max_windows, batch_size)
     found.source = name
     return found
@@ -238,7 +234,7 @@ def resolve_tasks(spec: str | Sequence[str] | None = None, online: bool | None =
 
 def task_manager(names: Iterable[str]):
     """An lm-eval TaskManager that knows the bundled `spp_*` tasks (and the built-in ones when needed)."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lm-eval is slow to import; only zero-shot scoring needs it
 
     needs_defaults = any(not name.startswith("spp_") for name in names)
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_defaults)
@@ -281,7 +277,7 @@ def zero_shot(
     and the log-likelihood of every choice. The model is scored where it is; note that lm-eval seeds
     Python's, NumPy's and torch's global random generators.
     """
-    import lm_eval
+    import lm_eval  # slow to import; only zero-shot scoring needs it
     from lm_eval.models.huggingface import HFLM
 
     names = resolve_tasks(tasks)
@@ -310,59 +306,8 @@ def zero_shot(
     return {name: found[name] for name in names}
 
 
-# --------------------------------------------------------------------------- whole-model evaluation
-def is_spp_adapter(name_or_path: str | os.PathLike, revision: str | None = None) -> bool:
-    """Whether `name_or_path` is an SPP adapter (a folder or Hub repo holding spp_config.json)."""
-    from ..adapters.config import CONFIG_NAME
-
-    path = Path(name_or_path)
-    if path.is_dir():
-        return (path / CONFIG_NAME).is_file()
-    if path.exists() or not hub_available():
-        return False
-    from huggingface_hub import file_exists
-
-    try:
-        return file_exists(str(name_or_path), CONFIG_NAME, revision=revision)
-    except Exception:  # not a repo id, or no access: let transformers report it when loading
-        return False
-
-
-def load_for_eval(
-    name_or_path: str | os.PathLike,
-    dtype: str | torch.dtype | None = "float32",
-    device: str | None = None,
-    revision: str | None = None,
-) -> tuple[torch.nn.Module, Any, dict]:
-    """(model, tokenizer, info) for a checkpoint folder / repo id, or an SPP adapter (merged on load)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..adapters.config import CONFIG_NAME, AdapterConfig
-    from ..adapters.loading import SPPModel, resolve_adapter
-
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
-    if is_spp_adapter(name_or_path, revision):
-        directory = resolve_adapter(name_or_path, revision=revision)
-        config = AdapterConfig.from_json_file(directory / CONFIG_NAME)
-        model = SPPModel.from_pretrained(directory, merge=True, torch_dtype=dtype)
-        if (directory / "tokenizer_config.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(directory)
-        else:  # adapters carry no tokenizer: use the base's
-            tokenizer = AutoTokenizer.from_pretrained(config.base_model_name_or_path, revision=config.base_model_revision)
-        info = {"model": str(name_or_path), "kind": "spp-adapter (merged)", "method": config.method, "base_model": config.base_model_name_or_path}
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), revision=revision, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision)
-        info = {"model": str(name_or_path), "kind": "checkpoint"}
-    if device:
-        model.to(device)
-    return model.eval(), tokenizer, info
-
-
+# --------------------------------------------------------------------------- the evaluation record
 def _describe(model: torch.nn.Module) -> dict:
-    from ..sparsity import sparsity_report
-
     report = sparsity_report(model)
     spp_layers = getattr(model, "spp_layers", None)
     return {
@@ -374,127 +319,42 @@ def _describe(model: torch.nn.Module) -> dict:
     }
 
 
-def evaluate_model(
-    model_or_path: torch.nn.Module | str | os.PathLike,
-    tokenizer: Any = None,
-    *,
-    ppl: bool = True,
-    ppl_seqlen: int | None = None,
-    ppl_windows: int | None = None,
-    ppl_source: str = "auto",
-    heldout: Sequence[str] = (),
-    tasks: str | Sequence[str] | None = ("offline",),
-    limit: int | float | None = None,
-    num_fewshot: int | None = None,
-    batch_size: int = 1,
-    dtype: str | torch.dtype | None = "float32",
-    device: str | None = None,
-    out: str | os.PathLike | None = None,
-    print_table: bool = True,
-) -> dict:
-    """Evaluate a model object (dense, pruned, SPP or merged) or a checkpoint / SPP adapter path.
+@dataclass
+class EvalPlan:
+    """What `evaluation_record` measures; `spp-hf eval` and the pipeline's eval stage each fill one."""
 
-    `heldout` adds perplexities on bundled corpora (`spp_hf.data.corpora`, e.g. "wiki-validation", "c4-heldout").
-    Returns {"model", "perplexity": {"wikitext2": ..., <corpus>: ...}, "zero_shot": {task: ...}, "zero_shot_mean_acc", ...};
-    prints a table and, with `out`, writes the dict as JSON (atomically).
+    wikitext2: bool = True  # WikiText-2 raw test perplexity
+    seqlen: int | None = None  # perplexity window (None: the model's context, at most 2048)
+    windows: int | None = None  # WikiText-2 windows (None: all)
+    source: str = "auto"  # where WikiText-2 comes from: auto, hub or bundled
+    heldout: Sequence[str] = ()  # bundled corpora (`spp_hf.data.corpora`) scored like WikiText-2
+    heldout_windows: int | None = None
+    tasks: Sequence[str] = ()  # lm-eval task names, already resolved (`resolve_tasks`)
+    limit: int | float | None = None  # questions per task (None: all)
+    num_fewshot: int | None = None  # None: the paper's protocol (`DEFAULT_FEWSHOT`)
+    ppl_batch_size: int = 1
+    tasks_batch_size: int | str = 1
+
+
+def evaluation_record(model: torch.nn.Module, tokenizer: Any, plan: EvalPlan, info: dict[str, Any]) -> EvalRecord:
+    """Measure `model` as `plan` says, in the one record schema (`spp_hf.pipeline.results.EvalRecord`).
+
+    `info` names the model (its "model" key: a path, repo id or class name) and how it was loaded; the
+    model's class, size and sparsity and the spp-hf version are added.
     """
     started = time.time()
-    names = resolve_tasks(tasks) if tasks is not None else []  # fail before loading anything
-    if isinstance(model_or_path, (str, os.PathLike)):
-        model, loaded_tokenizer, info = load_for_eval(model_or_path, dtype=dtype, device=device)
-        tokenizer = tokenizer or loaded_tokenizer
-    else:
-        if tokenizer is None:
-            raise ValueError("evaluate_model(model, tokenizer): pass the tokenizer along with a model object.")
-        model = model_or_path.to(device) if device else model_or_path
-        info = {"model": getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__, "kind": "model object"}
-    from .. import __version__
-
-    results: dict[str, Any] = {**info, **_describe(model), "spp_hf_version": __version__}
-    if ppl:
-        found = perplexity_result(model, tokenizer, seqlen=ppl_seqlen, max_windows=ppl_windows, batch_size=batch_size, source=ppl_source)
-        results["perplexity"] = {"wikitext2": asdict(found)}
-        for name in heldout:
-            results["perplexity"][name] = asdict(corpus_perplexity(model, tokenizer, name, ppl_seqlen, ppl_windows, batch_size))
-    if names:
-        scores = zero_shot(model, tokenizer, names, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
-        results["zero_shot"] = scores
-        accs = [s["acc"] for s in scores.values() if s.get("acc") is not None]
-        results["zero_shot_mean_acc"] = sum(accs) / len(accs) if accs else None
-        results["zero_shot_limit"] = limit
-    results["seconds"] = round(time.time() - started, 1)
-    if print_table:
-        print(format_table(results))
-    if out is not None:
-        from ..storage import atomic_write_text
-
-        atomic_write_text(out, json.dumps(results, indent=2) + "\n")
-    return results
-
-
-def format_table(results: dict) -> str:
-    """A plain-text table of an `evaluate_model` result."""
-    lines = [f"model: {results.get('model')}  ({results.get('kind')}, {results.get('class')}, sparsity {results.get('sparsity', 0):.2%}"
-             f"{' ' + results['sparsity_pattern'] if results.get('sparsity_pattern') else ''})"]  # fmt: skip
-    rows: list[tuple[str, str, str]] = []
-    for name, found in results.get("perplexity", {}).items():
-        detail = f"seqlen {found['seqlen']}, {found['windows']} windows, {found['source'] or 'text'}"
-        rows.append((f"{name} perplexity", f"{found['ppl']:.3f}", detail))
-    for name, found in results.get("zero_shot", {}).items():
-        acc_norm = found.get("acc_norm")
-        detail = f"n={found.get('n')}, {found.get('num_fewshot')}-shot" + (f", acc_norm {acc_norm:.4f}" if acc_norm is not None else "")
-        acc = found.get("acc")
-        rows.append((f"{name} acc", "-" if acc is None else f"{acc:.4f}", detail))
-    if results.get("zero_shot_mean_acc") is not None:
-        rows.append(("mean zero-shot acc", f"{results['zero_shot_mean_acc']:.4f}", ""))
-    width = max([len(r[0]) for r in rows] + [6])
-    value_width = max([len(r[1]) for r in rows] + [5])
-    lines.append(f"{'metric':<{width}}  {'value':>{value_width}}  detail")
-    lines.extend(f"{a:<{width}}  {b:>{value_width}}  {c}" for a, b, c in rows)
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- CLI
-def _run_cli(args: argparse.Namespace) -> int:
-    tasks = None if args.tasks == ["none"] else args.tasks
-    try:
-        evaluate_model(
-            args.model, ppl=not args.no_ppl, ppl_seqlen=args.ppl_seqlen, ppl_windows=args.ppl_windows,
-            ppl_source=args.ppl_source, heldout=args.heldout, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
-            batch_size=args.batch_size, dtype=args.dtype, device=args.device, out=args.out,
-        )  # fmt: skip
-    except ValueError as err:
-        print(f"spp-hf eval: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _corpus_names() -> list[str]:
-    from ..data.corpora import CORPORA
-
-    return list(CORPORA)
-
-
-def register_cli(subparsers: Any) -> None:
-    """Add `spp-hf eval MODEL_OR_ADAPTER ...`."""
-    parser = subparsers.add_parser(
-        "eval",
-        help="WikiText-2 perplexity and zero-shot accuracy of a checkpoint or SPP adapter.",
-        description="Evaluate a model folder / Hub repo id, or an SPP adapter (merged onto its pruned base).",
-    )
-    parser.add_argument("model", metavar="MODEL_OR_ADAPTER", help="checkpoint folder or repo id, or an SPP adapter folder or repo")
-    parser.add_argument("--ppl-seqlen", type=int, default=None, help="perplexity window length (default: model context, at most 2048)")
-    parser.add_argument("--ppl-windows", type=int, default=None, help="use only the first K windows (default: all)")
-    parser.add_argument("--ppl-source", choices=("auto", "hub", "bundled"), default="auto", help="where WikiText-2 comes from")
-    parser.add_argument("--heldout", nargs="*", default=[], choices=sorted(_corpus_names()),
-                        help="also score perplexity on these bundled texts (e.g. wiki-validation c4-heldout)")  # fmt: skip
-    parser.add_argument("--no-ppl", action="store_true", help="skip perplexity")
-    parser.add_argument("--tasks", nargs="+", default=["offline"],
-                        help="lm-eval tasks or sets: offline (bundled subsets, default), paper, default, mmlu, none, or task names")  # fmt: skip
-    parser.add_argument("--limit", type=int, default=None, help="at most N questions per task")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="force the shots for every task (default: 0; 5 for mmlu)")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--dtype", default="float32", help="torch dtype to load the model in, or 'auto' (default float32)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else None, help="e.g. cuda, cpu (default: cuda when available)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.set_defaults(func=_run_cli)
+    about = {k: v for k, v in info.items() if k != "model"} | _describe(model) | {"spp_hf_version": __version__}
+    record = EvalRecord(str(info["model"]), about)
+    if plan.wikitext2:
+        found = perplexity_result(model, tokenizer, seqlen=plan.seqlen, max_windows=plan.windows,
+                                  batch_size=plan.ppl_batch_size, source=plan.source)  # fmt: skip
+        record.perplexity[WIKITEXT2] = asdict(found)
+    for name in plan.heldout:
+        found = corpus_perplexity(model, tokenizer, name, plan.seqlen, plan.heldout_windows, plan.ppl_batch_size)
+        record.perplexity[name] = asdict(found)
+    if plan.tasks:
+        record.zero_shot = zero_shot(model, tokenizer, list(plan.tasks), limit=plan.limit, num_fewshot=plan.num_fewshot,
+                                     batch_size=plan.tasks_batch_size)  # fmt: skip
+        record.zero_shot_limit = plan.limit
+    record.seconds = round(time.time() - started, 1)
+    return record

@@ -7,18 +7,22 @@ import json
 import math
 from pathlib import Path
 from statistics import mean
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
-from ..storage import atomic_write_text
+from safetensors import safe_open
 
-if TYPE_CHECKING:
-    from .run import PipelineConfig, Variant
+from ..sparsity import fingerprint_modules, zero_mask_differences
+from ..storage import atomic_write_text, read_sparsity_json, sparsity_fingerprint
+from .config import PipelineConfig
+from .layout import RunLayout
+from .results import WIKITEXT2, EvalRecord, gap_closed
+from .variants import BASELINES, Variant
 
-TEXT_LABELS = {"wikitext2": "WikiText-2", "wiki-validation": "Wikipedia val.", "c4-heldout": "C4 held-out"}
+TEXT_LABELS = {WIKITEXT2: "WikiText-2", "wiki-validation": "Wikipedia val.", "c4-heldout": "C4 held-out"}
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # slow to import, and only the report draws
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -32,10 +36,6 @@ def _read_json(path: Path, default: Any = None) -> Any:
 
 def saved_fingerprint(model_dir: Path, modules: list[str]) -> dict:
     """Mask fingerprint of `modules` as saved in a checkpoint's safetensors (read without loading the model)."""
-    from safetensors import safe_open
-
-    from ..sparsity import fingerprint_modules
-
     tensors = {}
     for file in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
@@ -48,29 +48,21 @@ def _zero_ratios(fingerprint: dict) -> list[float]:
     return [m["zeros"] / math.prod(m["shape"]) for m in fingerprint["modules"].values()]
 
 
-def perplexities(record: dict) -> dict[str, float]:
-    """{text: perplexity} of one evaluation record: WikiText-2 first (when evaluated), then the held-out texts."""
-    found = {"wikitext2": record["ppl"]} if "ppl" in record else {}
-    return found | {name: r["ppl"] for name, r in record.get("heldout", {}).items()}
-
-
-def gaps(results: dict[str, dict], variant: str) -> dict[str, float]:
+def gaps(results: dict[str, EvalRecord], variant: str) -> dict[str, float]:
     """{text: share of the pruned→dense log-perplexity gap that `variant` closes} (texts with both baselines)."""
-    from .run import gap_closed
-
-    if "dense" not in results or "pruned" not in results:
+    if not set(BASELINES) <= set(results):
         return {}
-    dense, pruned, found = (perplexities(results[v]) for v in ("dense", "pruned", variant))
+    dense, pruned, found = (results[v].perplexities() for v in ("dense", "pruned", variant))
     return {t: gap_closed(pruned[t], found[t], dense[t]) for t in found if t in dense and t in pruned and pruned[t] != dense[t]}
 
 
 # --------------------------------------------------------------------------- plots
-def plot_losses(run_dir: Path, runs: Sequence["Variant"], out: Path) -> bool:
+def plot_losses(layout: RunLayout, runs: Sequence[Variant], out: Path) -> bool:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
     for variant in runs:
-        losses = _read_json(run_dir / variant.name / "train" / "loss_history.json", [])
+        losses = _read_json(layout.loss_history(variant.name), [])
         if losses:
             ax.plot([s for s, _ in losses], [v for _, v in losses], label=variant.label, linewidth=1)
             drawn = True
@@ -84,15 +76,15 @@ def plot_losses(run_dir: Path, runs: Sequence["Variant"], out: Path) -> bool:
     return drawn
 
 
-def plot_perplexity(results: dict[str, dict], labels: dict[str, str], out: Path) -> None:
+def plot_perplexity(results: dict[str, EvalRecord], labels: dict[str, str], out: Path) -> None:
     """Grouped bars: one group per evaluated text, one bar per model (log scale)."""
     plt = _plt()
     names = list(results)
-    texts = list(perplexities(results[names[0]]))
+    texts = list(results[names[0]].perplexities())
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) * len(texts) / 2), 4))
     for i, name in enumerate(names):
-        ppl = perplexities(results[name])
+        ppl = results[name].perplexities()
         ax.bar([t + i * width for t in range(len(texts))], [ppl.get(t, math.nan) for t in texts], width, label=labels[name])
     ax.set_xticks([t + 0.4 - width / 2 for t in range(len(texts))], [TEXT_LABELS.get(t, t) for t in texts])
     ax.set_yscale("log")
@@ -175,16 +167,16 @@ def _ppl(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}"
 
 
-def _results_table(results: dict[str, dict], labels: dict[str, str], metrics: dict[str, dict]) -> list[str]:
-    texts = list(perplexities(next(iter(results.values()))))
-    tasks = sorted({t for r in results.values() for t in r.get("zero_shot", {})})
+def _results_table(results: dict[str, EvalRecord], labels: dict[str, str], metrics: dict[str, dict]) -> list[str]:
+    texts = list(next(iter(results.values())).perplexities())
+    tasks = sorted({t for r in results.values() for t in r.zero_shot or {}})
     header = "| model |" + "".join(f" {TEXT_LABELS.get(t, t)} ppl | gap |" for t in texts)
     header += "".join(f" {t} acc |" for t in tasks) + " trainable | train s | peak memory |"
     lines = [header, "|" + " --- |" * (header.count("|") - 1)]
     for name, record in results.items():
-        ppl, gap, m = perplexities(record), gaps(results, name) if name not in ("dense", "pruned") else {}, metrics.get(name, {})
+        ppl, gap, m = record.perplexities(), gaps(results, name) if name not in BASELINES else {}, metrics.get(name, {})
         row = f"| {labels[name]} |" + "".join(f" {_ppl(ppl.get(t))} | {f'{100 * gap[t]:.1f}%' if t in gap else ''} |" for t in texts)
-        row += "".join(_acc(record.get("zero_shot", {}).get(t)) for t in tasks)
+        row += "".join(_acc((record.zero_shot or {}).get(t)) for t in tasks)
         memory, secs = m.get("peak_memory_bytes"), m.get("train_seconds")
         row += f" {_count(m.get('trainable_parameters'))} | {'' if secs is None else f'{secs:.0f}'} |"
         row += f" {'' if memory is None else f'{memory / 2**30:.2f} GiB'} |"
@@ -192,7 +184,7 @@ def _results_table(results: dict[str, dict], labels: dict[str, str], metrics: di
     return lines
 
 
-def _summary_table(results: dict[str, dict], runs: Sequence["Variant"]) -> list[str]:
+def _summary_table(results: dict[str, EvalRecord], runs: Sequence[Variant]) -> list[str]:
     """Per `methods:` entry, mean perplexity (min–max over seeds) and mean gap closed, when some entry has several seeds."""
     groups: dict[str, list[str]] = {}
     for v in runs:
@@ -200,14 +192,14 @@ def _summary_table(results: dict[str, dict], runs: Sequence["Variant"]) -> list[
             groups.setdefault(v.entry, []).append(v.name)
     if all(len(names) < 2 for names in groups.values()):
         return []
-    texts = list(perplexities(next(iter(results.values()))))
+    texts = list(next(iter(results.values())).perplexities())
     header = "| method | seeds |" + "".join(f" {TEXT_LABELS.get(t, t)} ppl | gap |" for t in texts)
     lines = ["## Across seeds", "", "Mean perplexity over seeds (min–max) and mean gap closed.", "",
              header, "|" + " --- |" * (header.count("|") - 1)]  # fmt: skip
     for entry, names in groups.items():
         cells = ""
         for t in texts:
-            values = [v for n in names if (v := perplexities(results[n]).get(t)) is not None]
+            values = [v for n in names if (v := results[n].perplexities().get(t)) is not None]
             if not values:
                 cells += " | |"
                 continue
@@ -218,80 +210,98 @@ def _summary_table(results: dict[str, dict], runs: Sequence["Variant"]) -> list[
     return lines + [""]
 
 
-def write_report(cfg: "PipelineConfig", runs: Sequence["Variant"], results: dict[str, dict], seconds: float) -> Path:
+def write_report(cfg: PipelineConfig, runs: Sequence[Variant], results: dict[str, EvalRecord], seconds: float) -> Path:
     """Write runs/<name>/report.md with tables and plots; returns its path."""
-    run_dir = cfg.run_dir
-    metrics = {v.name: _read_json(run_dir / v.name / "train" / "metrics.json", {}) for v in runs}
+    layout = cfg.layout
+    metrics = {v.name: _read_json(layout.train_metrics(v.name), {}) for v in runs}
     labels = {"dense": "dense", "pruned": f"pruned ({cfg.prune.method} {cfg.prune.sparsity})", **{v.name: v.label for v in runs}}
-    rates = sorted({f"{v.entry} lr {m['learning_rate']:g}" for v in runs if (m := metrics[v.name])})
-    lines = [f"# spp-hf run `{cfg.name}`", ""]
-    lines += [f"Model `{cfg.model}`, pruned with {cfg.prune.method} {cfg.prune.sparsity} "
-              f"({cfg.prune.nsamples} × {cfg.prune.seqlen} calibration tokens of `{cfg.prune.calibration}`). "
-              f"Every method: {cfg.train.max_steps} steps × {cfg.train.batch_size * cfg.train.grad_accum} × "
-              f"{cfg.train.max_length} tokens of `{cfg.train.data}`{_epochs(metrics)}, {_objective(cfg.train.distill_weight)}; "
-              f"SPP r={cfg.train.r}, s={cfg.train.scale}, dropout {cfg.train.dropout}; LoRA r={cfg.lora.r}, "
-              f"alpha {cfg.lora.lora_alpha}; {', '.join(rates) or 'no method trained'}. "
-              f"Wall time of this invocation: {seconds / 60:.1f} min.", ""]  # fmt: skip
+    lines = _settings(cfg, runs, metrics, seconds)
     if results:
-        lines += _results_table(results, labels, metrics)
-        some = next(iter(results.values()))
-        held = ", ".join(f"{TEXT_LABELS.get(n, n)} {r['windows']} windows" for n, r in some.get("heldout", {}).items())
-        wikitext = (f"WikiText-2 raw test {some['ppl_windows']} windows (rows joined with \"\\n\\n\")" if "ppl_windows" in some
-                    else "WikiText-2 test not evaluated (eval.ppl_windows 0)")
-        lines += ["", f"Perplexity: windows of {some.get('ppl_seqlen')} tokens; {wikitext}{'; ' + held if held else ''}. "
-                  "The held-out texts are never trained or calibrated on (`spp_hf.data.corpora`). "
-                  "Gap closed = (log ppl_pruned − log ppl) / (log ppl_pruned − log ppl_dense). "
-                  "Zero-shot: accuracy ± lm-eval's standard error. Trainable: the weights a method can change. "
-                  f"Peak memory: {next((m['peak_memory_kind'] for m in metrics.values() if m), 'n/a')} while the method "
-                  "was loaded and trained.", ""]  # fmt: skip
-        lines += _summary_table(results, runs)
-        plot_perplexity(results, labels, run_dir / "perplexity.png")
-        lines += ["![perplexity](perplexity.png)", ""]
-        colors = {}
-        points = []
-        for v in runs:
-            if v.name in results:
-                colors.setdefault(v.entry, f"C{len(colors)}")
-                m = metrics[v.name]
-                points.append({"method": v.entry, "color": colors[v.entry], "gaps": gaps(results, v.name),
-                               "params": m.get("trainable_parameters"), "seconds": m.get("train_seconds")})  # fmt: skip
-        if plot_gap_vs_cost(points, run_dir / "gap_vs_cost.png"):
-            lines += ["## Gap closed against cost", "", "![gap closed vs trainable parameters and training seconds](gap_vs_cost.png)", ""]
-    if plot_losses(run_dir, runs, run_dir / "loss.png"):
-        lines += ["## Training loss", "", "![training loss](loss.png)", ""]
-        for v in runs:
-            losses = _read_json(run_dir / v.name / "train" / "loss_history.json", [])
-            if losses:
-                head = ", ".join(f"{x:.3f}" for _, x in losses[:3])
-                tail = ", ".join(f"{x:.3f}" for _, x in losses[-3:])
-                lines.append(f"- {v.label}: first {head} … last {tail}")
-        lines.append("")
-    lines += _sparsity_section(run_dir, runs)
-    path = run_dir / "report.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path
+        lines += _results_section(layout, runs, results, labels, metrics)
+    lines += _loss_section(layout, runs)
+    lines += _sparsity_section(layout, runs)
+    atomic_write_text(layout.report, "\n".join(lines))
+    return layout.report
 
 
-def _sparsity_section(run_dir: Path, runs: Sequence["Variant"]) -> list[str]:
+def _settings(cfg: PipelineConfig, runs: Sequence[Variant], metrics: dict[str, dict], seconds: float) -> list[str]:
+    rates = sorted({f"{v.entry} lr {m['learning_rate']:g}" for v in runs if (m := metrics[v.name])})
+    return [f"# spp-hf run `{cfg.name}`", "",
+            f"Model `{cfg.model}`, pruned with {cfg.prune.method} {cfg.prune.sparsity} "
+            f"({cfg.prune.nsamples} × {cfg.prune.seqlen} calibration tokens of `{cfg.prune.calibration}`). "
+            f"Every method: {cfg.train.max_steps} steps × {cfg.train.batch_size * cfg.train.grad_accum} × "
+            f"{cfg.train.max_length} tokens of `{cfg.train.data}`{_epochs(metrics)}, {_objective(cfg.train.distill_weight)}; "
+            f"SPP r={cfg.train.r}, s={cfg.train.scale}, dropout {cfg.train.dropout}; LoRA r={cfg.lora.r}, "
+            f"alpha {cfg.lora.lora_alpha}; {', '.join(rates) or 'no method trained'}. "
+            f"Wall time of this invocation: {seconds / 60:.1f} min.", ""]  # fmt: skip
+
+
+def _windows(record: EvalRecord) -> str:
+    """How the perplexities of `record` were measured, for the note under the table."""
+    found = record.perplexity
+    seqlen = next((r.get("seqlen") for r in found.values()), None)
+    held = ", ".join(f"{TEXT_LABELS.get(n, n)} {r['windows']} windows" for n, r in found.items() if n != WIKITEXT2)
+    wikitext = (f"WikiText-2 raw test {found[WIKITEXT2]['windows']} windows (rows joined with \"\\n\\n\")" if WIKITEXT2 in found
+                else "WikiText-2 test not evaluated (eval.ppl_windows 0)")  # fmt: skip
+    return f"Perplexity: windows of {seqlen} tokens; {wikitext}{'; ' + held if held else ''}. "
+
+
+def _results_section(
+    layout: RunLayout, runs: Sequence[Variant], results: dict[str, EvalRecord], labels: dict[str, str], metrics: dict[str, dict]
+) -> list[str]:
+    lines = _results_table(results, labels, metrics)
+    lines += ["", _windows(next(iter(results.values()))) +
+              "The held-out texts are never trained or calibrated on (`spp_hf.data.corpora`). "
+              "Gap closed = (log ppl_pruned − log ppl) / (log ppl_pruned − log ppl_dense). "
+              "Zero-shot: accuracy ± lm-eval's standard error. Trainable: the weights a method can change. "
+              f"Peak memory: {next((m['peak_memory_kind'] for m in metrics.values() if m), 'n/a')} while the method "
+              "was loaded and trained.", ""]  # fmt: skip
+    lines += _summary_table(results, runs)
+    plot_perplexity(results, labels, layout.plot("perplexity"))
+    lines += [f"![perplexity]({layout.plot('perplexity').name})", ""]
+    colors: dict[str, str] = {}
+    points = []
+    for v in runs:
+        if v.name in results:
+            colors.setdefault(v.entry, f"C{len(colors)}")
+            m = metrics[v.name]
+            points.append({"method": v.entry, "color": colors[v.entry], "gaps": gaps(results, v.name),
+                           "params": m.get("trainable_parameters"), "seconds": m.get("train_seconds")})  # fmt: skip
+    if plot_gap_vs_cost(points, layout.plot("gap_vs_cost")):
+        lines += ["## Gap closed against cost", "",
+                  f"![gap closed vs trainable parameters and training seconds]({layout.plot('gap_vs_cost').name})", ""]  # fmt: skip
+    return lines
+
+
+def _loss_section(layout: RunLayout, runs: Sequence[Variant]) -> list[str]:
+    if not plot_losses(layout, runs, layout.plot("loss")):
+        return []
+    lines = ["## Training loss", "", f"![training loss]({layout.plot('loss').name})", ""]
+    for v in runs:
+        losses = _read_json(layout.loss_history(v.name), [])
+        if losses:
+            head = ", ".join(f"{x:.3f}" for _, x in losses[:3])
+            tail = ", ".join(f"{x:.3f}" for _, x in losses[-3:])
+            lines.append(f"- {v.label}: first {head} … last {tail}")
+    return lines + [""]
+
+
+def _sparsity_section(layout: RunLayout, runs: Sequence[Variant]) -> list[str]:
     """Each saved merged model's zero masks against the pruned base's, read back from the files (`zero_mask_differences`)."""
-    from ..storage import read_sparsity_json, sparsity_fingerprint
-    from ..sparsity import zero_mask_differences
-
-    pruned_dir = run_dir / "pruned"
-    merged = [v for v in runs if (run_dir / v.name / "merged" / "config.json").exists()]
-    recorded = sparsity_fingerprint(read_sparsity_json(pruned_dir))
+    merged = [v for v in runs if layout.has_merged(v.name)]
+    recorded = sparsity_fingerprint(read_sparsity_json(layout.pruned))
     if not recorded or not merged:
         return []
     modules = list(recorded["modules"])  # the layers the pruning zeroed
-    before = saved_fingerprint(pruned_dir, modules)
+    before = saved_fingerprint(layout.pruned, modules)
     ratios = _zero_ratios(before)
     lines = ["## Sparsity before and after merge", "",
              f"{len(modules)} pruned linear layers, mean zero ratio {mean(ratios):.4f}. Every merged model's zeros were checked "
              "bit for bit against the pruned base's before it was saved; read back from the saved files:", ""]  # fmt: skip
     for v in merged:
-        problems = zero_mask_differences(before, saved_fingerprint(run_dir / v.name / "merged", modules))
+        problems = zero_mask_differences(before, saved_fingerprint(layout.merged(v.name), modules))
         verdict = "identical to the pruned base's" if not problems else f"DIFFER from the pruned base's in {len(problems)} layers ({problems[0]})"
         lines.append(f"- {v.label}: zero masks {verdict}")
-    after = _zero_ratios(saved_fingerprint(run_dir / merged[0].name / "merged", modules))
-    plot_sparsity(ratios, after, merged[0].label, run_dir / "sparsity.png")
-    return lines + ["", "![per-layer sparsity](sparsity.png)", ""]
+    after = _zero_ratios(saved_fingerprint(layout.merged(merged[0].name), modules))
+    plot_sparsity(ratios, after, merged[0].label, layout.plot("sparsity"))
+    return lines + ["", f"![per-layer sparsity]({layout.plot('sparsity').name})", ""]

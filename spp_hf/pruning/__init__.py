@@ -3,7 +3,7 @@
 from .api import METHODS, PruneReport, prune, select_modules
 from .calibration import CalibrationData, load_calibration
 from .masks import SparsitySpec, mask_from_scores, parse_sparsity
-from .save import SPARSITY_FILE, save_pruned, sparsity_record
+from .save import save_pruned, sparsity_record
 from .sequential import find_decoder_layers
 
 __all__ = [
@@ -12,7 +12,6 @@ __all__ = [
     "prune",
     "save_pruned",
     "sparsity_record",
-    "SPARSITY_FILE",
     "select_modules",
     "load_calibration",
     "CalibrationData",

@@ -2,7 +2,7 @@
 
 The folder is a normal transformers checkpoint (safetensors, exact zeros) plus `sparsity.json` (method,
 sparsity, calibration, per-layer stats, and the mask fingerprint an SPP adapter records) and a model
-card, written by `artifacts.write_model_folder` (one atomic, durable folder replacement).
+card, written by `storage.write_model_folder` (one atomic, durable folder replacement).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import Any
 
 from torch import nn
 
-from ..storage import SPARSITY_FORMAT_VERSION, SPARSITY_NAME, model_sparsity_record, write_model_folder
+from ..sparsity import model_sparsity_record
+from ..storage import SPARSITY_FORMAT_VERSION, write_model_folder
 from ..hub.cards import render_pruned_base_card
 from .api import PruneReport
 
-SPARSITY_FILE = SPARSITY_NAME  # the name pruning code has used; the one definition is artifacts.SPARSITY_NAME
 
 
 def sparsity_record(model: nn.Module, report: PruneReport, perplexity: float | None = None) -> dict:
@@ -39,7 +39,7 @@ def save_pruned(
 
     `perplexity` (measured after pruning) goes into sparsity.json and the card; `perplexity_dataset`
     names what it was measured on (e.g. "wikitext") for the card's metadata. `out_dir` must be new, empty
-    or an earlier pruned base (`artifacts.check_model_folder_target`); an earlier save's files (stale weight
+    or an earlier pruned base (`storage.check_model_folder_target`); an earlier save's files (stale weight
     shards) do not survive, the user's other files do.
     """
     record = sparsity_record(model, report, perplexity)

@@ -122,7 +122,7 @@ def single_threaded(device: torch.device) -> Iterator[None]:
     """One CPU thread for the per-module pruning step (restored afterwards).
 
     Its operations (a column update, a top-k over a row block) are too small to gain from threads, and on
-    a busy CPU the threads' synchronisation made SparseGPT's column loop 10-50x slower (measured on 2 cores).
+    a busy CPU the threads' synchronisation made SparseGPT's column loop many times slower.
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:

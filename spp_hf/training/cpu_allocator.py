@@ -2,9 +2,8 @@
 
 glibc serves allocations above a threshold (128 KiB to 32 MiB, adaptive) with ``mmap`` and returns
 them with ``munmap`` when freed; a training step allocates and frees the same activation and logit
-buffers (hundreds of MB) every time, so each step page-faults them in again. On the 2-core machines
-this project is measured on, keeping them makes a SmolLM2 SFT step take 0.73× (SPP) to 0.88× (LoRA)
-the time (`benchmarks/bench_train.py --malloc glibc keep`).
+buffers (hundreds of MB) every time, so each step page-faults them in again. Keeping them shortens a
+training step markedly (`benchmarks/bench_train.py --malloc glibc keep`; numbers in docs/results.md).
 PyTorch's CPU tuning guide suggests jemalloc/tcmalloc for this; `keep_freed_memory` gets most of the
 gain from glibc itself (``mallopt``) without an extra library. The CLI calls it; library users may.
 """

@@ -15,13 +15,13 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from ..adapters.model import find_target_modules
+
 
 class MaskKeeper:
     """Freezes a model except the targeted linear weights, and keeps their zeros zero while they train."""
 
     def __init__(self, model: nn.Module, target_modules: Sequence[str] | str) -> None:
-        from ..adapters.model import find_target_modules
-
         names = find_target_modules(model, list(target_modules) if not isinstance(target_modules, str) else target_modules)
         weights = {name: model.get_submodule(name).weight for name in names}
         bad = [name for name, w in weights.items() if not isinstance(w, nn.Parameter) or not w.is_floating_point()]

@@ -34,21 +34,25 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
-from ..storage import README_NAME, WEIGHTS_NAME, atomic_write_text, read_adapter_files, write_adapter_files_in_place
-from ..adapters.config import AdapterConfig, SPPConfig
-from .distillation import DistillationMixin
-from ..adapters.loading import SPPMismatchError, check_fingerprint, check_same_method, read_adapter
+from ..adapters.config import AdapterConfig
+from ..adapters.files import SPPMismatchError, check_fingerprint, check_same_method, read_adapter
 from ..adapters.model import SPPModelMixin, find_target_modules, get_spp_model, refuse_if_merged
 from ..adapters.sharded_state import (
-    _full,
-    _is_zero3,
-    _spp_layers,
+    adapter_layers,
+    full_tensor,
     gather_spp_state,
+    is_zero3,
     load_spp_state,
     spp_mask_fingerprint,
 )
-from ..sparsity import fingerprint_modules, zero_mask_differences
+from ..adapters.spp import SPPConfig
+from ..hub.cards import render_adapter_card
+from ..hub.paths import is_hub_id
+from ..hub.transfer import SPPHubError, push_adapter_folder
 from ..layer_weights import dense_weight
+from ..sparsity import fingerprint_modules, zero_mask_differences
+from ..storage import README_NAME, WEIGHTS_NAME, atomic_write_text, read_adapter_files, write_adapter_files_in_place
+from .distillation import DistillationMixin
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +97,7 @@ def _is_fsdp1(trainer: "SPPSFTTrainer") -> bool:
 def _is_sharded(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) or _is_zero3(p) for p in model.parameters())
+    return any(isinstance(p, DTensor) or is_zero3(p) for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -161,7 +165,7 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
             _record_full_precision_fingerprint(model)
         self.dataset_name = dataset_name
         self._spp_adapter_dtype = {
-            id(p): p.dtype for _, layer in _spp_layers(model) for p in layer.adapter_parameters().values()
+            id(p): p.dtype for _, layer in adapter_layers(model) for p in layer.adapter_parameters().values()
         }
         if getattr(model, "is_quantized", False):
             # transformers' validate_quantization_for_training refuses a quantized model unless it is a
@@ -216,7 +220,7 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
         if given and not getattr(model, "is_quantized", False):
             # A config that names its base's masks (e.g. continuing an adapter) must fit this base: check first.
             names = find_target_modules(model, spp_config.target_modules)
-            found = fingerprint_modules((n, _full(dense_weight(model.get_submodule(n))).detach()) for n in names)
+            found = fingerprint_modules((n, full_tensor(dense_weight(model.get_submodule(n))).detach()) for n in names)
             check_fingerprint(spp_config, found, strict=True)
         model = get_spp_model(model, spp_config)
         if _is_sharded(model) and not given:
@@ -227,14 +231,14 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
     def _restore_adapter_dtype(self) -> None:
         """TRL casts trainable parameters of quantized models to bf16 (the QLoRA recipe); SPP keeps
         `SPPConfig.adapter_dtype` (float32 by default), so put α/β back before the optimizer exists."""
-        for _, layer in _spp_layers(self.model):
+        for _, layer in adapter_layers(self.model):
             for param in layer.adapter_parameters().values():
                 dtype = self._spp_adapter_dtype.get(id(param))
                 if dtype is not None and param.dtype != dtype:
                     param.data = param.data.to(dtype)
 
     def _check_trainable(self) -> None:
-        adapters = {id(p) for _, layer in _spp_layers(self.model) for p in layer.adapter_parameters().values()}
+        adapters = {id(p) for _, layer in adapter_layers(self.model) for p in layer.adapter_parameters().values()}
         others = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in adapters]
         if others:
             raise ValueError(
@@ -298,8 +302,6 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
 
     def _card(self, **extra: Any) -> str:
         model = self.spp_model
-        from ..hub.cards import render_adapter_card
-
         return render_adapter_card(
             model.active_spp_config,
             None if _is_sharded(model) or _is_fsdp1(self) else model,  # sharded: sparsity from the fingerprint
@@ -423,10 +425,8 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
         return self._upload(self.args.output_dir, repo_id, commit_message, token, revision, private, blocking)
 
     def _upload(self, folder, repo_id, commit_message, token, revision, private, blocking=True) -> Any:
-        """Upload the adapter of `folder` keyed to its base on the Hub (`hub.push_adapter_folder`: the base's
+        """Upload the adapter of `folder` keyed to its base on the Hub (`hub.transfer.push_adapter_folder`: the base's
         zeros checked, its commit pinned; a base loaded from a local folder is refused with the fix)."""
-        from ..hub.transfer import push_adapter_folder
-
         return push_adapter_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
@@ -456,8 +456,6 @@ def _is_peft_model(model: Any) -> bool:
 
 def _check_push_base(args: SFTConfig, model: Any, spp_config: AdapterConfig | None) -> None:
     """With ``push_to_hub``, refuse now a base that is not a Hub repo id (every push would refuse it, after training)."""
-    from ..hub.transfer import SPPHubError, is_hub_id
-
     if not args.push_to_hub:
         return
     if isinstance(model, SPPModelMixin):
@@ -499,7 +497,7 @@ def _record_full_precision_fingerprint(model: nn.Module) -> None:
     they cannot be read, the fingerprint is dropped (with a warning) rather than recorded wrongly.
     """
     config = model.active_spp_config
-    names = [name for name, _ in _spp_layers(model)]
+    names = [name for name, _ in adapter_layers(model)]
     try:
         config.mask_fingerprint = fingerprint_modules(
             _checkpoint_weights(config.base_model_name_or_path, config.base_model_revision, model, names)
