@@ -27,8 +27,8 @@ from transformers import BitsAndBytesConfig  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
 from spp_hf import MaskedLoRAConfig, SPPConfig, SPPSFTTrainer  # noqa: E402
+from spp_hf.data.corpora import BUNDLED_ALPACA  # noqa: E402
 from spp_hf.data.training_data import (  # noqa: E402, F401  (the template and loaders live in the package)
-    BUNDLED_ALPACA,
     PROMPT_INPUT,
     PROMPT_NO_INPUT,
     alpaca_prompt,

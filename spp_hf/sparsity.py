@@ -164,6 +164,26 @@ def sparsity_report(model: nn.Module, include_lm_head: bool = False) -> Sparsity
     return report
 
 
+def model_fingerprint(model: nn.Module, modules: Iterable[str] | None = None) -> dict:
+    """The mask fingerprint of a model's linear layers: every one but the output embedding, or the named
+    `modules` (an adapter's targets). The one way spp-hf fingerprints the weights of a model in memory."""
+    with torch.no_grad():
+        if modules is None:
+            return fingerprint_modules(iter_linear_weights(model))
+        names = list(modules)
+        missing = [name for name in names if not is_linear_like(_submodule(model, name))]
+        if missing:
+            raise ValueError(f"The model has no linear layers {missing[:3]}; pass names from iter_linear_weights.")
+        return fingerprint_modules((name, dense_weight(model.get_submodule(name))) for name in names)
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def model_sparsity_record(
     model: torch.nn.Module,
     kind: str,
@@ -179,14 +199,8 @@ def model_sparsity_record(
     """
     if kind not in MODEL_KINDS:
         raise ValueError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
+    found = model_fingerprint(model, modules)
     with torch.no_grad():
-        weights = dict(iter_linear_weights(model))
-        if modules is not None:
-            missing = [m for m in modules if m not in weights]
-            if missing:
-                raise ValueError(f"The model has no linear layers {missing[:3]}; pass names from iter_linear_weights.")
-            weights = {m: weights[m] for m in modules}
-        found = fingerprint_modules(weights.items())
         report = sparsity_report(model).to_dict()
     if base_mask_fingerprint:
         problems = zero_mask_differences(base_mask_fingerprint, found)

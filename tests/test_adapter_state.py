@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_model, prune_magnitude_nm_, pruned, rewrite_adapter_config
+from conftest import pruned, rewrite_adapter_config
 from torch import nn
 
 from spp_hf import SPPConfig, SPPLinear, SPPMismatchError, SPPModel, get_spp_model

@@ -21,7 +21,6 @@ from spp_hf.storage import (
     atomic_dir,
     read_adapter_files,
     read_sparsity_json,
-    readable_folder,
     write_adapter_folder,
     write_adapters,
     write_model_folder,

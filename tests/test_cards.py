@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model, prune_magnitude_nm_, pruned
+from conftest import pruned
 from fixtures_hub import hub  # noqa: F401 - the fixture
 from huggingface_hub import ModelCard
 

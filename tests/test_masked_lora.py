@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_model, prune_magnitude_nm_, pruned, train_steps, zero_masks
+from conftest import prune_magnitude_nm_, pruned, train_steps, zero_masks
 from fixtures_hub import TOKEN, hub  # noqa: F401 - the fixture
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D

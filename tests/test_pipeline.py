@@ -23,7 +23,8 @@ from spp_hf.pipeline.methods import METHODS, Method, Prepared, get_method, regis
 from spp_hf.pipeline.report import write_report
 from spp_hf.pipeline.results import EvalRecord, gap_closed
 from spp_hf.pipeline.run import run_pipeline
-from spp_hf.pipeline.stages import linear_fingerprint, save_merged, stage_eval
+from spp_hf.pipeline.stages import save_merged, stage_eval
+from spp_hf.sparsity import model_fingerprint
 from spp_hf.pipeline.variants import Variant, variant_config, variants
 from spp_hf.sparsity import iter_linear_weights
 
@@ -126,7 +127,7 @@ def test_pipeline_compares_every_method_resumes_and_keeps_zeros(tiny_dense, tmp_
 def test_a_merged_model_without_the_base_zeros_is_not_saved(tmp_path):
     model = make_tiny_model("llama")
     prune_magnitude_nm_(model)
-    reference = linear_fingerprint(model)
+    reference = model_fingerprint(model)
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, :4] = 0.5  # a merge that filled four zeros (or made new ones)
     prepared = Prepared(trainer=None, trainable_parameters=0, merge=lambda: model, card=lambda m: "card")

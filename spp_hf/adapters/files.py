@@ -17,7 +17,7 @@ from ..storage import CONFIG_NAME, WEIGHTS_NAME, AdapterFiles, read_adapter_file
 from .config import AdapterConfig
 from .kinds import all_param_names
 from .layer import check_adapter_name
-from .state import adapter_key, check_tensor_values
+from .state import adapter_key, check_tensor_values, file_tensors
 
 
 class SPPMismatchError(ValueError):
@@ -100,5 +100,5 @@ def save_adapters(model: nn.Module, save_directory: str | os.PathLike, selected_
 def adapter_files(model: nn.Module, adapter_name: str) -> AdapterFiles:
     """What goes on disk for one adapter of `model`: its config data, tensors (float64 stored as float32) and card."""
     config = model.spp_config[adapter_name]
-    tensors = {k: v.detach().float() if v.dtype == torch.float64 else v.detach() for k, v in model.spp_state_dict(adapter_name).items()}
+    tensors = file_tensors(model.spp_state_dict(adapter_name))
     return AdapterFiles(config.file_dict(), tensors, render_adapter_card(config, model), {"spp_adapter": adapter_name})

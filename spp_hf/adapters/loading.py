@@ -10,8 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from ..hub.transfer import base_model_errors, resolve_adapter
-from ..layer_weights import dense_weight
-from ..sparsity import fingerprint_modules
+from ..sparsity import model_fingerprint
 from ..storage import CONFIG_NAME
 from .files import adapter_targets, check_fingerprint, read_adapter
 from .layer import check_adapter_name
@@ -66,7 +65,7 @@ class SPPModel:
             model = base_model
         names = adapter_targets(config, state)
         validate_targets(model, names, config)
-        check_fingerprint(config, fingerprint_modules((n, dense_weight(model.get_submodule(n))) for n in names), strict)
+        check_fingerprint(config, model_fingerprint(model, names), strict)
         trainable = {id(p): p.requires_grad for p in model.parameters()}
         model = inject_adapter(model, config, adapter_name, names, loaded=True)
         try:
@@ -87,4 +86,3 @@ class SPPModel:
         return model
 
 
-__all__ = ["SPPModel", "SPPMismatchError", "check_fingerprint", "load_adapter", "read_adapter", "resolve_adapter", "save_adapters"]

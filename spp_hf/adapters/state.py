@@ -52,3 +52,8 @@ def check_adapter_tensors(expected: dict[str, tuple[int, ...]], state: dict[str,
         if tuple(state[key].shape) != tuple(shape):
             raise ValueError(f"Adapter tensor {key} has shape {tuple(state[key].shape)}, expected {tuple(shape)} ({source}).")
     check_tensor_values(state, source)
+
+
+def file_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter tensors as they go into a file: detached, float64 stored as float32 (the one place that casts)."""
+    return {key: value.detach().float() if value.dtype == torch.float64 else value.detach() for key, value in state.items()}

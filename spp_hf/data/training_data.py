@@ -6,7 +6,7 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
-from .corpora import BUNDLED, BUNDLED_ALPACA, CORPORA, documents
+from .corpora import BUNDLED, CORPORA, documents
 
 # Every name of data shipped with spp-hf (the corpora are parts of files: see spp_hf.data.corpora).
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from ..adapters.config import AdapterConfig
 from ..adapters.kinds import kind_named
-from ..sparsity import fingerprint_modules, iter_linear_weights, sparsity_report, zero_mask_differences
+from ..sparsity import model_fingerprint, sparsity_report, zero_mask_differences
 from ..storage import ADAPTER_FILES, CONFIG_NAME, SPARSITY_NAME, read_adapter_files, read_sparsity_json, sparsity_fingerprint
 from .cards import fingerprint_report
 from .transfer import KIND_HINT_FILES, SPPHubError, explain_hub_error, fetch_sparsity_json
@@ -123,7 +123,7 @@ def _weights_fingerprint(folder: Path) -> tuple[dict, dict]:
     """Sparsity report and mask fingerprint measured on the weights of a saved transformers model."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     with torch.no_grad():
-        return sparsity_report(model).to_dict(), fingerprint_modules(iter_linear_weights(model))
+        return sparsity_report(model).to_dict(), model_fingerprint(model)
 
 
 def _inspect_model(target: str, folder: Path, location: str, data: dict | None) -> Inspection:

@@ -21,7 +21,7 @@ from ..data.corpora import CORPORA, documents
 from ..data.default_model import smollm2_path
 from ..data.training_data import load_sft_data
 from ..pruning import prune, save_pruned
-from ..sparsity import fingerprint_modules, iter_linear_weights, model_sparsity_record
+from ..sparsity import model_fingerprint, model_sparsity_record
 from ..storage import atomic_write_text, check_model_folder_target, write_model_folder
 from ..training.peak_memory import peak_memory, reset_peak_memory
 from ..training.trainer import SPPSFTConfig
@@ -86,7 +86,7 @@ def stage_method(cfg: PipelineConfig, pruned: Path, variant: Variant) -> Path:
     check_model_folder_target(merged, "merged")  # before any training
     base, tokenizer = load_plain(pruned)
     zeros = linear_zeros(base)
-    reference = linear_fingerprint(base)  # every linear layer's mask, the bit-for-bit reference of the merged model
+    reference = model_fingerprint(base)  # every linear layer's mask, the bit-for-bit reference of the merged model
     del base
     gc.collect()
     reset_peak_memory()
@@ -178,12 +178,6 @@ def _checkpoint_step(output_dir: Path) -> int:
     """The step of the last checkpoint in `output_dir` (0: none, training starts afresh)."""
     steps = [int(p.name.removeprefix("checkpoint-")) for p in output_dir.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()]
     return max(steps, default=0)
-
-
-def linear_fingerprint(model: nn.Module) -> dict:
-    """The mask fingerprint of every linear layer of `model` (the output embedding excluded)."""
-    with torch.no_grad():
-        return fingerprint_modules(iter_linear_weights(model))
 
 
 def save_merged(model: nn.Module, tokenizer: Any, out: Path, prepared: Prepared, reference: dict, variant: Variant, data: str) -> None:

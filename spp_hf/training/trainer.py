@@ -46,6 +46,7 @@ from ..adapters.sharded_state import (
     spp_mask_fingerprint,
 )
 from ..adapters.spp import SPPConfig
+from ..adapters.state import file_tensors
 from ..hub.cards import render_adapter_card
 from ..hub.paths import is_hub_id
 from ..hub.transfer import SPPHubError, push_adapter_folder
@@ -294,9 +295,8 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
             state = gather_spp_state(model)  # collective under sharding: all ranks
         if not self.args.should_save:
             return
-        tensors = {k: v.float() if v.dtype == torch.float64 else v for k, v in state.items()}
         write_adapter_files_in_place(
-            output_dir, model.active_spp_config.file_dict(), tensors, self._card(),
+            output_dir, model.active_spp_config.file_dict(), file_tensors(state), self._card(),
             metadata={"spp_adapter": model.active_spp_adapter},
         )  # fmt: skip
 
