@@ -15,6 +15,7 @@ from .layer_weights import dense_weight, is_linear_like
 from .storage import MODEL_KINDS, SPARSITY_FORMAT_VERSION
 
 NM_CANDIDATE_M = (2, 4, 8, 16, 32)
+PRUNING_METHODS = ("magnitude", "wanda", "sparsegpt")  # what `spp_hf.pruning.prune` runs and a sparsity.json names
 
 
 def zero_mask(weight: torch.Tensor) -> torch.Tensor:

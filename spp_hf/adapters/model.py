@@ -28,7 +28,7 @@ from .files import (
 from .kinds import kind_of
 from .layer import SPPLinear, check_adapter_name
 from .sharded_state import spp_mask_fingerprint
-from .state import check_adapter_tensors, layer_state
+from .state import adapter_key, check_adapter_tensors, layer_state
 
 _MIXED_CLASSES: dict[type, type] = {}
 
@@ -241,7 +241,7 @@ class SPPModelMixin:
                 layer.update_layer(adapter_name, config)
                 if state is not None:
                     for key, param in layer.adapter_parameters(adapter_name).items():
-                        param.copy_(state[f"{name}.{key}"])
+                        param.copy_(state[adapter_key(name, key)])
         self.spp_config[adapter_name] = config
         self._activate(adapter_name)
 
@@ -433,7 +433,7 @@ def load_adapter(
     expected = {}
     for name, layer in layers.items():
         for key, shape in layer.adapter_shapes(config, name).items():
-            expected[f"{name}.{key}"] = shape
+            expected[adapter_key(name, key)] = shape
     check_adapter_tensors(expected, state, str(directory / WEIGHTS_NAME))
     check_fingerprint(config, model.spp_fingerprint(), strict=strict)
     model._install_adapter(adapter_name, config, state)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..hub.transfer import push_folder
-from ..pruning import METHODS, parse_sparsity, prune, save_pruned
+from ..pruning import PRUNING_METHODS, parse_sparsity, prune, save_pruned
 from ..storage import check_model_folder_target
 
 
@@ -22,7 +22,7 @@ def register_cli(subparsers: Any) -> None:
         "then save a transformers checkpoint with exact zeros, sparsity.json and a model card.",
     )
     p.add_argument("--model", required=True, help="model id on the Hub or local checkpoint folder")
-    p.add_argument("--method", choices=METHODS, default="wanda")
+    p.add_argument("--method", choices=PRUNING_METHODS, default="wanda")
     p.add_argument("--sparsity", default="0.5", help="fraction pruned per row (e.g. 0.5) or N:M (e.g. 2:4)")
     p.add_argument("--calib", default=None, help="calibration: local .jsonl/.json/.txt file or Hub dataset id (default: C4, needs internet)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")

@@ -36,12 +36,11 @@ from huggingface_hub import (
 from ..adapters.config import AdapterConfig
 from ..adapters.kinds import KINDS, kind_named
 from ..data.corpora import BUNDLED
-from ..sparsity import SparsityReport, sparsity_report
+from ..sparsity import PRUNING_METHODS, SparsityReport, sparsity_report
 from ..version import __version__
 from .paths import is_hub_id
 
 PLACEHOLDER_REPO_ID = "<this-repo-id>"
-KNOWN_METHODS = ("magnitude", "wanda", "sparsegpt")
 SPP_URL = "https://github.com/Lucky-Lance/SPP"
 
 
@@ -318,7 +317,7 @@ def _base_metadata_cached(endpoint: str, name_or_path: str, revision: str | None
         except (ValueError, OSError):
             pass
     if "method" not in meta:
-        methods = [t for t in meta.get("tags") or [] if t in KNOWN_METHODS]
+        methods = [t for t in meta.get("tags") or [] if t in PRUNING_METHODS]
         if methods:
             meta["method"] = methods[0]
     return meta

@@ -1,13 +1,14 @@
 """Post-training pruning that makes SPP's sparse bases: magnitude, Wanda and SparseGPT, unstructured or N:M."""
 
-from .api import METHODS, PruneReport, prune, select_modules
+from ..sparsity import PRUNING_METHODS
+from .api import PruneReport, prune, select_modules
 from .calibration import CalibrationData, load_calibration
 from .masks import SparsitySpec, mask_from_scores, parse_sparsity
 from .save import save_pruned, sparsity_record
 from .sequential import find_decoder_layers
 
 __all__ = [
-    "METHODS",
+    "PRUNING_METHODS",
     "PruneReport",
     "prune",
     "save_pruned",

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..sparsity import SparsityReport, sparsity_report
+from ..sparsity import PRUNING_METHODS, SparsityReport, sparsity_report
 from ..layer_weights import dense_weight, in_out_features, is_linear_like, is_quantized
 from .calibration import load_calibration
 from .magnitude import prune_magnitude_
@@ -21,7 +21,6 @@ from .sequential import find_decoder_layers, module_device, run_sequential, sing
 from .sparsegpt import DEFAULT_BLOCKSIZE, DEFAULT_PERCDAMP, Hessian, sparsegpt_prune_
 from .wanda import InputNorms, prune_wanda_
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 @dataclass
@@ -160,8 +159,8 @@ def prune(
     number of calibration samples per block call (default: about 4096 tokens per call).
     """
     start = time.perf_counter()
-    if method not in METHODS:
-        raise ValueError(f"Unknown pruning method {method!r}; choose one of {list(METHODS)}.")
+    if method not in PRUNING_METHODS:
+        raise ValueError(f"Unknown pruning method {method!r}; choose one of {list(PRUNING_METHODS)}.")
     spec = parse_sparsity(sparsity)
     if method == "sparsegpt" and (blocksize < 1 or not 0 <= percdamp < 1):
         raise ValueError(f"SparseGPT needs blocksize >= 1 and 0 <= percdamp < 1 (got {blocksize}, {percdamp}).")
