@@ -10,7 +10,7 @@ from datasets import Dataset
 from fixtures_trainer import alpaca_records, char_tokenizer, single_thread, spp_tensors, tiny_pruned_base  # noqa: F401
 
 from spp_hf import SPPConfig, SPPSFTTrainer
-from spp_hf.training.distillation import DistillSFTTrainer, distillation_loss
+from spp_hf.training.distillation import DistillSFTTrainer, distillation_loss, feature_distillation_loss
 from spp_hf.training.trainer import SPPSFTConfig
 
 
@@ -89,6 +89,53 @@ def _kl_to(teacher, model, dataset) -> float:
     batch = torch.tensor([dataset[i]["input_ids"] for i in range(4)])
     with torch.no_grad():
         return float(distillation_loss(model(input_ids=batch).logits, teacher(input_ids=batch).logits, batch))
+
+
+def test_feature_loss_is_squarehead_normalised_mse_per_layer():
+    """mean over layers of Σ‖h_s − h_t‖² / Σ‖h_t‖² over attended tokens, written out token by token."""
+    g = torch.Generator().manual_seed(3)
+    student = [torch.randn(2, 5, 4, generator=g) for _ in range(3)]
+    teacher = [torch.randn(2, 5, 4, generator=g) * (layer + 1) for layer in range(3)]
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0  # padding
+    per_layer = []
+    for s, t in zip(student, teacher):
+        num = den = 0.0
+        for b in range(2):
+            for pos in range(5):
+                if mask[b, pos]:
+                    num += float(((s[b, pos] - t[b, pos]) ** 2).sum())
+                    den += float((t[b, pos] ** 2).sum())
+        per_layer.append(num / den)
+    got = feature_distillation_loss(student, teacher, mask)
+    assert abs(float(got) - sum(per_layer) / 3) < 1e-5
+    assert float(feature_distillation_loss(teacher, teacher)) == 0.0
+    with pytest.raises(ValueError, match="same depth"):
+        feature_distillation_loss(student[:2], teacher)
+
+
+def test_feature_distillation_moves_hidden_states_towards_the_teacher(tmp_path):
+    """The same KL training with and without a weighted feature term: only the feature term's run ends with
+    hidden states closer to the dense teacher's (so the term is applied and pulls the right way)."""
+    teacher = make_tiny_model("llama", seed=0)
+
+    def feature_gap(trainer) -> float:
+        ids = torch.tensor([trainer.train_dataset[i]["input_ids"] for i in range(4)])
+        trainer.model.eval()
+        with torch.no_grad():
+            s = trainer.model(input_ids=ids, output_hidden_states=True).hidden_states[1:]
+            h = teacher(input_ids=ids, output_hidden_states=True).hidden_states[1:]
+        return float(feature_distillation_loss(s, h))
+
+    gaps = {}
+    for weight in (0.0, 10.0):
+        trainer = _spp_trainer(tmp_path / str(weight), teacher_model=teacher, distill_weight=1.0, feature_weight=weight)
+        before = feature_gap(trainer)
+        trainer.train()
+        gaps[weight] = feature_gap(trainer)
+    assert gaps[10.0] < before and gaps[10.0] < gaps[0.0]
+    with pytest.raises(ValueError, match="feature_weight must be >= 0"):
+        _spp_trainer(tmp_path / "bad", teacher_model=teacher, feature_weight=-1.0)
 
 
 def test_spp_with_weight_zero_trains_exactly_as_without_a_teacher(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, make_tiny_model, prune_magnitude_nm_
+from conftest import TINY, make_tiny_model, prune_magnitude_nm_, zero_masks
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -171,6 +171,20 @@ def test_pipeline_distils_every_method_from_the_dense_model(tiny_dense, tmp_path
     assert first["spp_s0"] == pytest.approx(first["masked_full_s0"], rel=1e-4)
     assert 0.0 < first["spp_s0"] < 1.0
     assert "distilled from the dense model" in (tmp_path / "kd" / "report.md").read_text()
+
+
+def test_pipeline_adds_the_feature_loss_for_every_method(tiny_dense, tmp_path):
+    """train.distill_feature_weight: the KL plus the normalised hidden-state MSE, for SPP and masked LoRA alike;
+    every merged model keeps the pruned base's zeros."""
+    items = FAST + ["train.max_steps=2", "train.distill_weight=1.0", "train.distill_feature_weight=1.0", "methods=[spp, masked_lora]"]
+    _run(tiny_dense, tmp_path, "feat", items, skip="eval")
+    first = {v: json.loads((tmp_path / "feat" / v / "train" / "loss_history.json").read_text())[0][1] for v in ("spp_s0", "masked_lora_s0")}
+    assert first["spp_s0"] == pytest.approx(first["masked_lora_s0"], rel=1e-4)  # both start as the pruned base
+    assert "feature loss" in (tmp_path / "feat" / "report.md").read_text()
+    pruned_zeros = zero_masks(AutoModelForCausalLM.from_pretrained(tmp_path / "feat" / "pruned"))
+    for variant in ("spp_s0", "masked_lora_s0"):
+        merged = zero_masks(AutoModelForCausalLM.from_pretrained(tmp_path / "feat" / variant / "merged"))
+        assert all(torch.equal(merged[name], mask) for name, mask in pruned_zeros.items())
 
 
 @pytest.mark.slow

@@ -61,6 +61,9 @@ class TrainSettings:
     # 0: the paper's language-modelling loss. > 0: distil from the dense model (`spp_hf.training.distillation`), the
     # same way for every method: loss = (1 - w)·CE + w·KL(dense ‖ student).
     distill_weight: float = 0.0
+    # > 0: add this × SquareHead's feature loss (normalised MSE to the dense model's hidden states at every
+    # decoder layer's output); needs the dense teacher too, loaded whenever either weight is > 0.
+    distill_feature_weight: float = 0.0
 
 
 @dataclass

@@ -137,12 +137,16 @@ def plot_sparsity(before: list[float], after: list[float], label: str, out: Path
 
 
 # --------------------------------------------------------------------------- text
-def _objective(distill_weight: float) -> str:
+def _objective(distill_weight: float, feature_weight: float = 0.0) -> str:
     if distill_weight <= 0:
-        return "language-modelling loss"
-    if distill_weight >= 1:
-        return "distilled from the dense model (KL loss)"
-    return f"loss {1 - distill_weight:g}·LM + {distill_weight:g}·KL to the dense model"
+        text = "language-modelling loss"
+    elif distill_weight >= 1:
+        text = "distilled from the dense model (KL loss)"
+    else:
+        text = f"loss {1 - distill_weight:g}·LM + {distill_weight:g}·KL to the dense model"
+    if feature_weight > 0:
+        text += f" + {feature_weight:g}·feature loss (normalised MSE to the dense model's hidden states)"
+    return text
 
 
 def _epochs(metrics: dict[str, dict]) -> str:
@@ -230,7 +234,7 @@ def _settings(cfg: PipelineConfig, runs: Sequence[Variant], metrics: dict[str, d
             f"Model `{cfg.model}`, pruned with {cfg.prune.method} {cfg.prune.sparsity} "
             f"({cfg.prune.nsamples} × {cfg.prune.seqlen} calibration tokens of `{cfg.prune.calibration}`). "
             f"Every method: {cfg.train.max_steps} steps × {cfg.train.batch_size * cfg.train.grad_accum} × "
-            f"{cfg.train.max_length} tokens of `{cfg.train.data}`{_epochs(metrics)}, {_objective(cfg.train.distill_weight)}; "
+            f"{cfg.train.max_length} tokens of `{cfg.train.data}`{_epochs(metrics)}, {_objective(cfg.train.distill_weight, cfg.train.distill_feature_weight)}; "
             f"SPP r={cfg.train.r}, s={cfg.train.scale}, dropout {cfg.train.dropout}; LoRA r={cfg.lora.r}, "
             f"alpha {cfg.lora.lora_alpha}; {', '.join(rates) or 'no method trained'}. "
             f"Wall time of this invocation: {seconds / 60:.1f} min.", ""]  # fmt: skip

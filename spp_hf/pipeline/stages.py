@@ -168,10 +168,10 @@ def check_one_epoch(trainer: Any, cfg: PipelineConfig) -> float:
 
 def _distillation(cfg: PipelineConfig) -> dict[str, Any]:
     """Trainer arguments that make the dense model the teacher, or none for the plain LM loss."""
-    if cfg.train.distill_weight <= 0:
+    if cfg.train.distill_weight <= 0 and cfg.train.distill_feature_weight <= 0:
         return {}
     teacher, _ = load_plain(resolve_model(cfg.model))
-    return {"teacher_model": teacher, "distill_weight": cfg.train.distill_weight}
+    return {"teacher_model": teacher, "distill_weight": cfg.train.distill_weight, "feature_weight": cfg.train.distill_feature_weight}
 
 
 def _checkpoint_step(output_dir: Path) -> int:
