@@ -95,27 +95,45 @@ def plot_perplexity(results: dict[str, EvalRecord], labels: dict[str, str], out:
     plt.close(fig)
 
 
+def _by_method(points: list[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for point in points:
+        grouped.setdefault(point["method"], []).append(point)
+    return grouped
+
+
 def plot_gap_vs_cost(points: list[dict], out: Path) -> bool:
-    """Gap closed (every text) against trainable parameters and against training seconds, one point per run."""
+    """Gap closed against trainable parameters (top row) and training seconds (bottom row), one column per
+    evaluated text; every method is one point (the mean over its seeds, min–max as error bars) labelled
+    with its name (no legend to decode). An axis is logarithmic
+    only where its values span more than a factor of 20; parameters are shown in millions."""
     points = [p for p in points if p["gaps"]]
     if not points:
         return False
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    markers = dict(zip(TEXT_LABELS, "osD"))
-    for ax, key, xlabel in ((axes[0], "params", "trainable parameters (log scale)"), (axes[1], "seconds", "training seconds")):
-        for p in points:
-            if p[key] is None:
-                continue
-            for text, gap in p["gaps"].items():
-                ax.scatter(p[key], 100 * gap, marker=markers.get(text, "x"), color=p["color"], s=25)
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-    axes[0].set_xscale("log")
-    axes[0].set_ylabel("gap closed (%)")
-    handles = [axes[0].scatter([], [], color=c, label=m) for m, c in {p["method"]: p["color"] for p in points}.items()]
-    handles += [axes[0].scatter([], [], color="gray", marker=mk, label=TEXT_LABELS[t]) for t, mk in markers.items()]
-    axes[1].legend(handles=handles, fontsize=7)
+    texts = [t for t in TEXT_LABELS if any(t in p["gaps"] for p in points)]
+    fig, axes = plt.subplots(2, len(texts), figsize=(4.2 * len(texts), 6.4), squeeze=False)
+    for row, (key, xlabel, scale) in enumerate((("params", "trainable parameters (M)", 1e-6), ("seconds", "training seconds", 1.0))):
+        values = [p[key] * scale for p in points if p[key] is not None]
+        for col, text in enumerate(texts):
+            ax = axes[row][col]
+            for method, runs in _by_method(points).items():
+                runs = [r for r in runs if r[key] is not None and text in r["gaps"]]
+                if not runs:
+                    continue
+                xs, ys = [r[key] * scale for r in runs], [100 * r["gaps"][text] for r in runs]
+                x, y = sum(xs) / len(xs), sum(ys) / len(ys)
+                label = method if len(runs) == 1 else f"{method} ({len(runs)} seeds)"
+                ax.errorbar(x, y, yerr=[[y - min(ys)], [max(ys) - y]], xerr=[[x - min(xs)], [max(xs) - x]],
+                            fmt="o", color=runs[0]["color"], capsize=3, markersize=5)  # fmt: skip
+                ax.annotate(label, (x, y), xytext=(5, 4), textcoords="offset points", fontsize=7, color=runs[0]["color"])
+            if values and min(values) > 0 and max(values) / min(values) > 20:
+                ax.set_xscale("log")
+            ax.margins(x=0.25, y=0.2)
+            ax.set_xlabel(xlabel)
+            ax.set_title(TEXT_LABELS[text], fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[row][0].set_ylabel("gap closed (%)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
