@@ -2,12 +2,15 @@
 
 Shapes are LLaMA-7B's (4096×4096 attention, 11008×4096 MLP), float32 on the CPU. Compared: the frozen
 base linear alone (the floor: forward + dX), SPP naive / blocked / fused, masked LoRA r=8 fused (LoRA
-whose update is multiplied by the zero mask, `spp_hf.adapters.masked_lora`) and PEFT LoRA r=8 on the same
-layer. Input gradients are always computed, as inside a network. Prints absolute numbers and ratios.
+whose update is multiplied by the zero mask, `spp_hf.adapters.masked_lora`), PEFT LoRA r=8, and PEFT adapters
+through `spp_hf.get_sparse_peft_model`: masked PEFT LoRA r=8 (the generic masked-delta function), HiRA r=8 and
+IA³ (PEFT's own multiplicative forwards) on the same layer. Input gradients are always computed, as inside a
+network. Prints absolute numbers and ratios.
 
     python benchmarks/bench_layer.py            # the full table (several minutes on 2 cores)
     python benchmarks/bench_layer.py --quick    # small shapes, a smoke run
     python benchmarks/bench_layer.py --kinds base "masked lora r=8" "lora r=8"   # a subset
+    python benchmarks/bench_layer.py --kinds "masked peft lora r=8" "hira r=8" ia3   # the sparse PEFT layers
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ import time
 import torch
 from torch import nn
 
-from spp_hf import MaskedLoRAConfig, SPPConfig, SPPLinear
+from spp_hf import MaskedLoRAConfig, SPPConfig, SPPLinear, get_sparse_peft_model
 
-KINDS = ["base", "spp naive", "spp blocked", "spp fused", "masked lora r=8", "lora r=8"]
+KINDS = ["base", "spp naive", "spp blocked", "spp fused", "masked lora r=8", "lora r=8", "masked peft lora r=8", "hira r=8", "ia3"]
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
@@ -49,6 +52,22 @@ def make_layer(kind: str, base: nn.Linear) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
         return get_peft_model(_Holder(base), LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
+    if kind in ("masked peft lora r=8", "hira r=8", "ia3"):  # PEFT adapters kept on the base's non-zeros
+        from peft import HiraConfig, IA3Config, LoraConfig
+
+        config = {
+            "masked peft lora r=8": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]),
+            "hira r=8": lambda: HiraConfig(r=8, target_modules=["proj"]),
+            "ia3": lambda: IA3Config(target_modules=["proj"], feedforward_modules=[]),
+        }[kind]()
+        model = get_sparse_peft_model(_Holder(base), config)
+        with torch.no_grad():  # a trained adapter: LoRA / HiRA B ≠ 0, IA³ scales ≠ 1
+            for name, param in model.named_parameters():
+                if param.requires_grad and ("lora_B" in name or "hira_B" in name):
+                    nn.init.normal_(param, std=0.01)
+                elif param.requires_grad:
+                    param.add_(torch.randn_like(param) * 0.01)
+        return model
     if kind == "masked lora r=8":  # the adapter layer as models use it (fused on a dense base)
         layer = SPPLinear(base, "default", MaskedLoRAConfig(r=8, lora_alpha=16))
         nn.init.normal_(layer.lora_B["default"], std=0.01)  # a trained adapter: B ≠ 0
@@ -124,10 +143,10 @@ def main() -> None:
         saved = {kind: saved_bytes(layer, x) for kind, layer in layers.items()}
         timed = interleaved_times(layers, x, grad, args.reps)
         print(f"\nW {m}x{n}, {tokens} tokens (ratios: median over {args.reps} interleaved rounds)")
-        print(f"{'impl':<16} {'ms/step':>9} {'x base':>7} {'x naive':>8} {'x lora':>7} {'saved KiB':>10}")
+        print(f"{'impl':<20} {'ms/step':>9} {'x base':>7} {'x naive':>8} {'x lora':>7} {'saved KiB':>10}")
         for kind, (t, ratio) in timed.items():
             print(
-                f"{kind:<16} {t * 1e3:>9.1f} {ratio:>7.2f} {relative(ratio, timed, 'spp naive'):>8} "
+                f"{kind:<20} {t * 1e3:>9.1f} {ratio:>7.2f} {relative(ratio, timed, 'spp naive'):>8} "
                 f"{relative(ratio, timed, 'lora r=8'):>7} {saved[kind] / 2**10:>10.1f}"
             )
         del layers

@@ -6,6 +6,7 @@ from .adapters.spp import SPPConfig
 from .adapters.files import SPPMismatchError
 from .adapters.loading import SPPModel
 from .adapters.model import SPPModelMixin, get_spp_model
+from .adapters.sparse_peft import get_sparse_peft_model
 from .sparsity import sparsity_report
 from .version import __version__
 
@@ -17,6 +18,7 @@ __all__ = [
     "SPPModelMixin",
     "SPPMismatchError",
     "get_spp_model",
+    "get_sparse_peft_model",
     "sparsity_report",
     "SPPSFTTrainer",
 ]
