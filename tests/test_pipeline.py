@@ -187,6 +187,23 @@ def test_pipeline_adds_the_feature_loss_for_every_method(tiny_dense, tmp_path):
         assert all(torch.equal(merged[name], mask) for name, mask in pruned_zeros.items())
 
 
+def test_peft_methods_hira_ia3_and_masked_lokr_keep_the_zeros(tiny_dense, tmp_path):
+    """PEFT's HiRA, IA³ and LoKr through `get_sparse_peft_model` in the comparison, with the KL loss too: each
+    trains (its trainable count is its own), merges with the checked merge and keeps every zero bit for bit."""
+    items = FAST + ["train.max_steps=2", "train.distill_weight=0.5", "methods=[hira, ia3, masked_lokr]"]
+    report = _run(tiny_dense, tmp_path, "peft", items, skip="eval").read_text()
+    pruned_zeros = zero_masks(AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "pruned"))
+    trainable = {}
+    for variant in ("hira_s0", "ia3_s0", "masked_lokr_s0"):
+        merged = zero_masks(AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / variant / "merged"))
+        assert all(torch.equal(merged[name], mask) for name, mask in pruned_zeros.items()), variant
+        trainable[variant] = json.loads((tmp_path / "peft" / variant / "train" / "metrics.json").read_text())["trainable_parameters"]
+    assert len(set(trainable.values())) == 3 and trainable["ia3_s0"] < trainable["hira_s0"]
+    assert "HiRA" in report and "IA³" in report and "masked LoKr" in report
+    card = (tmp_path / "peft" / "hira_s0" / "merged" / "README.md").read_text()
+    assert "HiRA" in card and "LoRA*" not in card
+
+
 @pytest.mark.slow
 def test_a_tuning_run_never_evaluates_wikitext2_test(tiny_dense, tmp_path, monkeypatch):
     """eval.ppl_windows=0: learning-rate probes are scored on the validation split and never touch WikiText-2 test."""

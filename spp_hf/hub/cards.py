@@ -240,7 +240,9 @@ def render_baseline_merged_card(
 
 
 # The recovery baselines that merge without an spp-hf adapter (the pipeline's `lora_star` and `masked_full`).
-BASELINE_LABELS = {"lora_star": "LoRA*", "masked_full": "masked full fine-tuning"}
+BASELINE_LABELS = {
+    "lora_star": "LoRA*", "masked_full": "masked full fine-tuning", "hira": "HiRA", "ia3": "IA³", "masked_lokr": "masked LoKr",
+}  # fmt: skip
 BASELINE_TITLES = {"lora_star": "LoRA* (merged, mask re-applied)", "masked_full": "masked full fine-tuning"}
 BASELINE_DESCRIPTIONS = {
     "lora_star": (
@@ -253,6 +255,21 @@ BASELINE_DESCRIPTIONS = {
         "The pruned model {base_link} after **masked full fine-tuning**: every non-zero weight of the targeted "
         "layers was trained, with gradients and optimizer updates masked by the pruning mask, so the pruned weights "
         "stayed zero throughout and nothing was changed after training. It has exactly the base's zeros "
+        "({sparsity_summary} in the linear layers) and loads as a plain transformers model."
+    ),
+    "hira": (
+        "The pruned model {base_link} fine-tuned with PEFT's **HiRA** (W ⊙ (1 + B A), a multiplicative update that "
+        "keeps every zero by construction) and merged with the merge checked. It has exactly the base's zeros "
+        "({sparsity_summary} in the linear layers) and loads as a plain transformers model."
+    ),
+    "ia3": (
+        "The pruned model {base_link} fine-tuned with PEFT's **IA³** (learned per-row or per-column scales, which keep "
+        "every zero by construction) and merged with the merge checked. It has exactly the base's zeros "
+        "({sparsity_summary} in the linear layers) and loads as a plain transformers model."
+    ),
+    "masked_lokr": (
+        "The pruned model {base_link} fine-tuned with PEFT's **LoKr** whose update is multiplied by the base's zero "
+        "mask (`spp_hf.get_sparse_peft_model`), merged as W + ΔW ⊙ (W ≠ 0). It has exactly the base's zeros "
         "({sparsity_summary} in the linear layers) and loads as a plain transformers model."
     ),
     "": (

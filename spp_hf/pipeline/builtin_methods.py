@@ -1,5 +1,6 @@
 """The recovery methods spp-hf ships, one `register(...)` each (at the end): SPP and masked LoRA (spp-hf adapters),
-LoRA* (LoRA merged, the pruning mask re-applied) and masked full fine-tuning. Importing this module registers them."""
+LoRA* (LoRA merged, the pruning mask re-applied), masked full fine-tuning, and PEFT's own HiRA, IA³ and LoKr on
+the pruned base with its zeros kept (`get_sparse_peft_model`). Importing this module registers them."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from peft import LoraConfig
+from peft import HiraConfig, IA3Config, LoKrConfig, LoraConfig, PeftConfig
 from torch import nn
 
 from ..adapters import MaskedLoRAConfig, SPPConfig
+from ..adapters.sparse_peft import get_sparse_peft_model
 from ..hub.cards import render_baseline_merged_card, render_merged_card
 from ..sparsity import iter_linear_weights, sparsity_report
 from ..training.distillation import DistillSFTTrainer
@@ -104,7 +106,42 @@ def _prepare_masked_full(cfg, pruned, data, args, trainer_kwargs, zeros) -> Prep
     return Prepared(trainer, keeper.trainable_parameters, merge, baseline_card("masked_full", pruned))
 
 
+# --------------------------------------------------------------------------- PEFT's adapters, zeros kept
+def sparse_peft_method(name: str, make_config: Callable[[PipelineConfig], PeftConfig]) -> PrepareFn:
+    """A PEFT adapter made sparsity-preserving by `get_sparse_peft_model`, trained with TRL's trainer and merged
+    with PEFT's own (checked) `merge_and_unload`."""
+
+    def prepare(cfg, pruned, data, args, trainer_kwargs, zeros) -> Prepared:
+        model, tokenizer = load_plain(pruned)
+        model = get_sparse_peft_model(model, make_config(cfg))
+        trainer = DistillSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, **trainer_kwargs)
+        return Prepared(trainer, _trainable(trainer.model), lambda: trainer.model.merge_and_unload(), baseline_card(name, pruned))
+
+    return prepare
+
+
+def _targets(cfg: PipelineConfig) -> list[str]:
+    return list(cfg.train.target_modules)
+
+
+def _hira_config(cfg: PipelineConfig) -> HiraConfig:
+    return HiraConfig(r=cfg.peft.r, target_modules=_targets(cfg), task_type="CAUSAL_LM")
+
+
+def _ia3_config(cfg: PipelineConfig) -> IA3Config:
+    # as PEFT's defaults for decoder LMs: the MLP's output projection scales its input, the others their output
+    feedforward = [m for m in _targets(cfg) if m in ("down_proj", "fc2", "c_proj", "dense_4h_to_h")]
+    return IA3Config(target_modules=_targets(cfg), feedforward_modules=feedforward, task_type="CAUSAL_LM")
+
+
+def _lokr_config(cfg: PipelineConfig) -> LoKrConfig:
+    return LoKrConfig(r=cfg.peft.r, alpha=cfg.peft.lokr_alpha, target_modules=_targets(cfg), task_type="CAUSAL_LM")
+
+
 register("spp", Method("SPP", lambda cfg: cfg.train.learning_rate, adapter_method(_spp_config)))
 register("masked_lora", Method("masked LoRA", lambda cfg: cfg.lora.learning_rate, adapter_method(_masked_lora_config, kind="merged")))
 register("lora_star", Method("LoRA*", lambda cfg: cfg.lora.learning_rate, _prepare_lora_star))
 register("masked_full", Method("masked full FT", lambda cfg: cfg.masked_full.learning_rate, _prepare_masked_full))
+register("hira", Method("HiRA", lambda cfg: cfg.peft.hira_learning_rate, sparse_peft_method("hira", _hira_config)))
+register("ia3", Method("IA³", lambda cfg: cfg.peft.ia3_learning_rate, sparse_peft_method("ia3", _ia3_config)))
+register("masked_lokr", Method("masked LoKr", lambda cfg: cfg.peft.lokr_learning_rate, sparse_peft_method("masked_lokr", _lokr_config)))

@@ -79,6 +79,19 @@ class MaskedFullSettings:
 
 
 @dataclass
+class PeftSettings:
+    """PEFT's own adapters on the pruned base with its zeros kept (`spp_hf.get_sparse_peft_model`): HiRA and IA³
+    keep zeros by construction, LoKr through the masked update. Rates: untuned first guesses; tune each on
+    wiki-validation."""
+
+    r: int = 8  # HiRA's and LoKr's rank (IA³ has none)
+    lokr_alpha: int = 16
+    hira_learning_rate: float = 1e-2
+    ia3_learning_rate: float = 1e-2
+    lokr_learning_rate: float = 3e-3
+
+
+@dataclass
 class EvalSettings:
     ppl_seqlen: int = 1024
     ppl_windows: int | None = 8  # WikiText-2 test windows (None: all; 0: none, for tuning runs that must not see the test set)
@@ -112,6 +125,7 @@ class PipelineConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     masked_full: MaskedFullSettings = field(default_factory=MaskedFullSettings)
+    peft: PeftSettings = field(default_factory=PeftSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     @property
