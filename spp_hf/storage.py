@@ -38,6 +38,7 @@ import errno
 import glob
 import hashlib
 import json
+import re
 import os
 import secrets
 import shutil
@@ -589,3 +590,127 @@ def check_model_folder_target(directory: str | os.PathLike, kind: str) -> Path:
         f"over an earlier one of the same kind, and never deletes files it did not write. Pass another output "
         "folder (e.g. a new sub-folder), or empty this one."
     )
+
+
+# --------------------------------------------------------------------------- model folders written part by part
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
+_SHARD_METADATA = {"format": "pt"}  # what transformers records in each shard it writes
+_PART_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_PART_KEY = re.compile(r"[0-9a-f]{8,64}")
+
+
+class PartialModelFolder:
+    """The finished parts (safetensors files) of a model folder written piece by piece (a checkpoint too large to
+    hold in memory), kept until `write_model_folder_from_parts` turns them into the folder.
+
+    It lives beside the target as `.<name>.spp-hf-partial-<key>`, `key` naming the run's inputs and settings (a
+    hash the caller computes). Each part is written atomically and durably, so a part that exists is complete: a
+    run with the same key finds what an interrupted run finished and goes on from there. A run with another key
+    removes it, as the next writer of a target removes every temporary entry spp-hf left beside it.
+    """
+
+    def __init__(self, directory: str | os.PathLike, kind: str, key: str) -> None:
+        if not _PART_KEY.fullmatch(key):
+            raise ValueError(f"A partial folder's key must be 8-64 lowercase hex digits (a hash), got {key!r}.")
+        self.target = check_model_folder_target(directory, kind)
+        self.kind = kind
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.folder = self.target.parent / f".{self.target.name}{_OWN_MARK}partial-{key}"
+        for other in _own_siblings(self.target, "partial"):
+            if other != self.folder:
+                shutil.rmtree(other, ignore_errors=True)
+        self.folder.mkdir(exist_ok=True)
+        fsync_dir(self.target.parent)
+
+    def path(self, part: str) -> Path:
+        if not _PART_NAME.fullmatch(part):
+            raise ValueError(f"Part name {part!r} is not a plain name (letters, digits, '_' or '-').")
+        return self.folder / f"{part}.safetensors"
+
+    def has(self, part: str) -> bool:
+        """Whether `part` was finished (by this run or an interrupted one with the same key)."""
+        return self.path(part).is_file()
+
+    def write(self, part: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Write one part, atomically and durably, as a transformers shard."""
+        atomic_save_safetensors(tensors, self.path(part), dict(_SHARD_METADATA))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        fsync_dir(self.folder.parent)
+
+
+def write_model_folder_from_parts(
+    directory: str | os.PathLike,
+    parts: PartialModelFolder,
+    names: list[str],
+    configs: list[Any],
+    tokenizer: Any | None,
+    card_text: str,
+    sparsity: dict[str, Any],
+    max_shard_size: int,
+    total_parameters: int,
+) -> Path:
+    """`write_model_folder` for a checkpoint written part by part: the same files, checks and one atomic folder swap.
+
+    The parts (in `names` order) become the weight shards: consecutive parts are packed into shards of at most
+    `max_shard_size` bytes, as transformers shards (one `model.safetensors` when everything fits, else
+    `model-0000i-of-0000n.safetensors` and `model.safetensors.index.json`). A shard of one part is a hard link to
+    it; only packed parts are read back, one shard at a time. `configs` are the objects whose `save_pretrained`
+    writes config.json and generation_config.json. The parts' folder is removed once the folder is in place.
+    """
+    if "mask_fingerprint" not in sparsity:
+        raise ValueError("sparsity must hold a 'mask_fingerprint'; build it with sparsity.model_sparsity_record.")
+    check_model_folder_target(directory, sparsity["kind"])
+    with atomic_dir(directory, owned=_model_file) as staging:
+        for config in configs:
+            config.save_pretrained(staging)
+        _write_shards(staging, [parts.path(name) for name in names], max_shard_size, total_parameters)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        atomic_write_bytes(staging / SPARSITY_NAME, json_bytes(sparsity))
+        atomic_write_text(staging / README_NAME, card_text)
+    parts.remove()
+    return Path(directory)
+
+
+def _write_shards(folder: Path, parts: list[Path], max_shard_size: int, total_parameters: int) -> None:
+    """The weight files of a checkpoint from its part files (see `write_model_folder_from_parts`)."""
+    layouts = [_safetensors_layout(part) for part in parts]
+    groups: list[list[int]] = []
+    size = 0
+    for i, (_, nbytes) in enumerate(layouts):
+        if groups and size + nbytes <= max_shard_size:
+            groups[-1].append(i)
+            size += nbytes
+        else:
+            groups.append([i])
+            size = nbytes
+    count = len(groups)
+    names = [SAFE_WEIGHTS_NAME] if count == 1 else [SHARD_NAME.format(index=i + 1, count=count) for i in range(count)]
+    weight_map = {}
+    for name, group in zip(names, groups):
+        if len(group) == 1:
+            _link_or_copy(parts[group[0]], folder / name)
+        else:
+            tensors: dict[str, torch.Tensor] = {}
+            for i in group:
+                with safe_open(str(parts[i]), framework="pt") as handle:
+                    tensors.update({key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118
+            atomic_save_safetensors(tensors, folder / name, dict(_SHARD_METADATA))
+            del tensors
+        weight_map.update({key: name for i in group for key in layouts[i][0]})
+    if count > 1:
+        total_size = sum(nbytes for _, nbytes in layouts)
+        index = {"metadata": {"total_parameters": total_parameters, "total_size": total_size}, "weight_map": weight_map}
+        atomic_write_bytes(folder / SAFE_INDEX_NAME, json_bytes(index))
+
+
+def _safetensors_layout(path: Path) -> tuple[list[str], int]:
+    """(tensor names, bytes of tensor data) of a safetensors file, from its header alone (8-byte length, then JSON)."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    return [key for key in header if key != "__metadata__"], os.path.getsize(path) - 8 - length

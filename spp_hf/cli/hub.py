@@ -33,7 +33,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     add_hub_args(publish)
     publish.set_defaults(func=_run_publish)
 
-    merge = subparsers.add_parser("merge", help="merge an SPP adapter into its pruned base (zeros kept) and save it")
+    merge = subparsers.add_parser(
+        "merge", help="merge an SPP adapter into its pruned base (zeros kept) and save it",
+        description="Merge an adapter into its pruned base, one decoder layer at a time (the merged model need not fit in "
+        "memory; run the same command again to resume a killed merge), and save a plain transformers checkpoint.",
+    )  # fmt: skip
     merge.add_argument("adapter", help="adapter folder or Hub repo id")
     merge.add_argument("--out", required=True, help="folder for the merged model: new, empty, or an earlier merged model")
     merge.add_argument("--base", default=None, help="pruned base to merge into (default: the one the adapter names)")
@@ -42,6 +46,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("--eval-results", default=None, help="JSON file {data: {metric: value}} for the card's model-index")
     merge.add_argument("--dataset", default=None, help="dataset the adapter was trained on (for the card)")
     merge.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload the merged folder to this repo")
+    merge.add_argument("--in-memory", action="store_true",
+                       help="load the whole base instead of merging it decoder layer by layer (same output; needs memory for the model)")
     add_hub_args(merge, revision_help="revision of the adapter repo")
     merge.set_defaults(func=_run_merge)
 
@@ -75,7 +81,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     out = merge_to_folder(
         args.adapter, args.out, base_model=args.base, base_revision=args.base_revision, revision=args.revision,
         token=args.token, torch_dtype=args.dtype, eval_results=eval_results, dataset_name=args.dataset,
-        push_to_hub=args.push_to_hub, private=args.private,
+        push_to_hub=args.push_to_hub, private=args.private, in_memory=args.in_memory,
     )  # fmt: skip
     print(f"merged {args.adapter} -> {out}" + (f" (pushed to {args.push_to_hub})" if args.push_to_hub else ""))
     return 0

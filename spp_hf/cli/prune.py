@@ -1,15 +1,22 @@
-"""`spp-hf prune`: load a model, prune it, save a pruned base (checkpoint + sparsity.json + card), optionally push it."""
+"""`spp-hf prune`: prune a checkpoint into a pruned base (checkpoint + sparsity.json + card), optionally push it.
+
+By default the checkpoint is streamed layer by layer (`pruning.streaming.prune_to_folder`): a model larger than
+memory can be pruned, and a killed run resumes at the first unfinished layer. `--in-memory` loads it whole
+(`pruning.prune` + `save_pruned`); both write the same folder, bit for bit.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..hub.transfer import push_folder
-from ..pruning import PRUNING_METHODS, parse_sparsity, prune, save_pruned
+from ..pruning import PRUNING_METHODS, PruneReport, parse_sparsity, prune, save_pruned
+from ..pruning.streaming import prune_to_folder
 from ..storage import check_model_folder_target
 
 
@@ -18,8 +25,9 @@ def register_cli(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "prune",
         help="prune a model with magnitude, Wanda or SparseGPT and save it as a sparse base",
-        description="Prune every linear layer of the decoder blocks (never embeddings or lm_head) in place, "
-        "then save a transformers checkpoint with exact zeros, sparsity.json and a model card.",
+        description="Prune every linear layer of the decoder blocks (never embeddings or lm_head) and save a transformers "
+        "checkpoint with exact zeros, sparsity.json and a model card. The checkpoint (safetensors) is streamed one decoder "
+        "layer at a time, so it need not fit in memory; run the same command again to resume a killed run.",
     )
     p.add_argument("--model", required=True, help="model id on the Hub or local checkpoint folder")
     p.add_argument("--method", choices=PRUNING_METHODS, default="wanda")
@@ -37,6 +45,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="also upload the folder to this Hub repo")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     p.add_argument("--revision", default=None, help="model revision to load")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the whole model instead of streaming it layer by layer (same output; needs memory for the model)")
     p.set_defaults(func=run_prune)
 
 
@@ -50,19 +60,29 @@ def run_prune(args: argparse.Namespace) -> int:
     if not isinstance(dtype, torch.dtype):
         raise SystemExit(f"--dtype {args.dtype!r} is not a torch dtype (e.g. float32, bfloat16).")
     tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
-    model = AutoModelForCausalLM.from_pretrained(args.model, revision=args.revision, dtype=dtype)
+    settings = dict(
+        method=args.method, sparsity=args.sparsity, calibration=args.calib, tokenizer=tokenizer, nsamples=args.nsamples,
+        seqlen=args.seqlen, seed=args.seed, modules=args.modules, device=args.device, blocksize=args.blocksize,
+        percdamp=args.percdamp,
+    )  # fmt: skip
     try:
-        report = prune(
-            model, method=args.method, sparsity=args.sparsity, calibration=args.calib, tokenizer=tokenizer,
-            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, modules=args.modules, device=args.device,
-            blocksize=args.blocksize, percdamp=args.percdamp,
-        )
-    except ValueError as err:  # bad input: nothing was changed or saved
+        if args.in_memory:
+            out, report = _prune_in_memory(args, dtype, tokenizer, settings)
+        else:
+            out = Path(args.out)
+            report = prune_to_folder(args.model, out, dtype=dtype, revision=args.revision, **settings)
+    except ValueError as err:  # bad input: nothing was saved
         raise SystemExit(f"spp-hf prune: {err}") from None
-    report.base_model = args.model
-    out = save_pruned(model, tokenizer, args.out, report)
     print(f"{args.method} {report.sparsity}: {report.ratio:.2%} of {len(report.modules)} modules zero "
           f"({report.pattern or 'unstructured'}) in {report.seconds:.1f}s -> {out}")
     if args.push_to_hub:
         print(f"pushed to {push_folder(out, args.push_to_hub, private=args.private, commit_message='Upload pruned base with spp-hf')}")
     return 0
+
+
+def _prune_in_memory(args: argparse.Namespace, dtype: torch.dtype, tokenizer: Any, settings: dict) -> tuple[Path, PruneReport]:
+    """Load the whole model, prune it in place and save it (`--in-memory`)."""
+    model = AutoModelForCausalLM.from_pretrained(args.model, revision=args.revision, dtype=dtype)
+    report = prune(model, **settings)
+    report.base_model = args.model
+    return save_pruned(model, tokenizer, args.out, report), report

@@ -8,6 +8,9 @@
    lets the method prune them, and recomputes the block's outputs with the pruned weights, which become
    the next block's inputs. Only one block's activations (inputs and outputs) are held at a time, and with
    `device` set only the current block is moved there.
+
+The steps (`start_sequential`, `prune_block`, `advance`) are shared with `streaming.py`, which runs them on
+decoder blocks read one at a time from a checkpoint.
 """
 
 from __future__ import annotations
@@ -225,6 +228,86 @@ def batching_works(block: nn.Module, hidden: torch.Tensor, call: LayerCall, batc
     return batched.shape == single.shape and torch.allclose(batched, single, rtol=1e-3, atol=1e-5 * single.abs().max().item())
 
 
+@dataclass
+class BlockInputs:
+    """What every block of a sequential calibration shares: the captured call, the current block's inputs, a buffer
+    for its outputs (same shape and dtype, the model's), the sample batches of one block call, and the device."""
+
+    call: LayerCall
+    inps: torch.Tensor  # (nsamples, seqlen, hidden)
+    outs: torch.Tensor  # (nsamples, seqlen, hidden)
+    batches: list[slice]
+    device: torch.device
+
+
+@torch.no_grad()
+def start_sequential(
+    model: nn.Module,
+    first_block: nn.Module,
+    input_ids: torch.Tensor,
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+) -> BlockInputs:
+    """Capture the first block's inputs and choose the batches every block is called on.
+
+    Blocks are called on `batch_size` samples at a time (default: about 4096 tokens per call) when that
+    reproduces the per-sample outputs on the first block (still unpruned: checked before any weight changes),
+    else on one sample at a time. `first_block` must hold its weights; the rest of the model only what runs
+    before it.
+    """
+    work_device = torch.device(device) if device is not None else module_device(first_block)
+    call = capture_layer_inputs(model, first_block, input_ids, work_device)
+    nsamples = call.hidden.shape[0]
+    batch_size = batch_size_for(call.hidden.shape[1]) if batch_size is None else batch_size
+    home = module_device(first_block)
+    first_block.to(work_device)
+    if not batching_works(first_block, call.hidden, call, batch_size):
+        batch_size = 1
+    first_block.to(home)
+    batches = [slice(j, min(j + batch_size, nsamples)) for j in range(0, nsamples, batch_size)]
+    return BlockInputs(call, call.hidden, torch.empty_like(call.hidden), batches, work_device)
+
+
+@torch.no_grad()
+def prune_block(
+    block: nn.Module,
+    block_name: str,
+    state: BlockInputs,
+    selected: Callable[[str], bool],
+    make_stats: Callable[[int, torch.device], Any],
+    prune_module: Callable[[str, torch.Tensor, Any], None],
+) -> None:
+    """Collect the input statistics of the block's selected linear layers on `state.inps` and prune them in place
+    (the one per-block step of every sequential path, in memory or streamed). The block is on `state.device`."""
+    targets = block_targets(block, block_name, selected)
+    if not targets:
+        return
+    collector = _InputCollector(targets, make_stats, state.device)
+    try:
+        for batch in state.batches:
+            try:
+                run_block(block, state.inps[batch], state.call)
+            except _StopForward:
+                pass
+            collector.end_batch()
+    finally:
+        collector.remove()
+    missing = [name for name in targets if name not in collector.stats]
+    if missing:
+        raise RuntimeError(f"{missing} were never called in their block's forward, so they cannot be calibrated.")
+    with single_threaded(state.device):
+        for name, module in targets.items():
+            prune_module(name, dense_weight(module), collector.stats[name])
+
+
+@torch.no_grad()
+def advance(block: nn.Module, state: BlockInputs) -> None:
+    """Run the (pruned) block on its inputs; its outputs become the next block's inputs."""
+    for batch in state.batches:
+        state.outs[batch] = run_block(block, state.inps[batch], state.call)
+    state.inps, state.outs = state.outs, state.inps
+
+
 @torch.no_grad()
 def run_sequential(
     model: nn.Module,
@@ -242,47 +325,19 @@ def run_sequential(
     """Prune every selected linear layer block by block, each block seeing the outputs of the pruned ones before it.
 
     `make_stats(in_features, device)` makes a statistics object with `add_batch(x)`; `prune_module(name,
-    weight, stats)` prunes a dense (out, in) weight (a view that writes through) in place. Blocks are called
-    on `batch_size` samples at a time (default: about 4096 tokens per call) when that reproduces the
-    per-sample outputs on the first block, else on one sample at a time.
+    weight, stats)` prunes a dense (out, in) weight (a view that writes through) in place. Batches as in
+    `start_sequential`.
     """
-    work_device = torch.device(device) if device is not None else module_device(layers[0])
-    call = capture_layer_inputs(model, layers[0], input_ids, work_device)
-    inps, outs = call.hidden, torch.empty_like(call.hidden)
-    nsamples = inps.shape[0]
-    batch_size = batch_size_for(inps.shape[1]) if batch_size is None else batch_size
-    home = module_device(layers[0])
-    layers[0].to(work_device)
-    if not batching_works(layers[0], inps, call, batch_size):  # checked before any weight changes
-        batch_size = 1
-    layers[0].to(home)
-    batches = [slice(j, min(j + batch_size, nsamples)) for j in range(0, nsamples, batch_size)]
-
+    state = start_sequential(model, layers[0], input_ids, device, batch_size)
     for index, block in enumerate(tqdm(layers, desc=desc, unit="layer", disable=not progress)):
         home = module_device(block)
-        block.to(work_device)
-        block_name = f"{layers_name}.{index}" if layers_name else str(index)
-        targets = block_targets(block, block_name, selected)
-        if targets:
-            collector = _InputCollector(targets, make_stats, work_device)
-            try:
-                for batch in batches:
-                    try:
-                        run_block(block, inps[batch], call)
-                    except _StopForward:
-                        pass
-                    collector.end_batch()
-            finally:
-                collector.remove()
-            missing = [name for name in targets if name not in collector.stats]
-            if missing:
-                raise RuntimeError(f"{missing} were never called in their block's forward, so they cannot be calibrated.")
-            with single_threaded(work_device):
-                for name, module in targets.items():
-                    prune_module(name, dense_weight(module), collector.stats[name])
-            del collector
+        block.to(state.device)
+        prune_block(block, block_name(layers_name, index), state, selected, make_stats, prune_module)
         if index + 1 < len(layers):
-            for batch in batches:
-                outs[batch] = run_block(block, inps[batch], call)
-            inps, outs = outs, inps
+            advance(block, state)
         block.to(home)
+
+
+def block_name(layers_name: str, index: int) -> str:
+    """The full module name of decoder block `index` (e.g. "model.layers.3")."""
+    return f"{layers_name}.{index}" if layers_name else str(index)
