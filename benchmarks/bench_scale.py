@@ -12,8 +12,9 @@ run on a small machine (per-layer cost does not depend on depth). All float32. S
     merge / merge-mem         an SPP adapter merged into the pruned base, streamed / in memory (`merge_to_folder`)
     save                      `save_pruned` of the pruned base loaded in memory
 
-Prune stages time the layer loop (calibration capture, pruning, reading and writing the layers); merge and save time
-the whole call. "peak" is the process's maximum resident set; "over import" subtracts the resident set right after
+Prune stages time the layer loop (pruning, reading and writing the layers) without its one-time start (capturing the
+first layer's inputs; streamed, also reading the embeddings), reported apart as `start_s`; merge and save time the
+whole call. "peak" is the process's maximum resident set; "over import" subtracts the resident set right after
 the imports. The exponent is the slope of log(seconds per layer) against log(parameters per layer).
 
     python benchmarks/bench_scale.py                                  # everything: table + docs/scale.png
@@ -105,24 +106,27 @@ def timed(module, name: str, box: list) -> None:
     setattr(module, name, wrapper)
 
 
-def stage_prune(stage: str, folder: Path, out: Path) -> float:
-    """Seconds of the layer loop of a streamed or in-memory prune."""
+def stage_prune(stage: str, folder: Path, out: Path) -> tuple[float, float]:
+    """(seconds of the layer loop, seconds of its one-time start) of a streamed or in-memory prune. The start
+    captures the first layer's inputs (streamed: it also reads the embeddings and the first layer)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from spp_hf.pruning import api, prune, streaming
+    from spp_hf.pruning import api, prune, sequential, streaming
 
-    method, box = stage.removesuffix("-mem"), []
+    method, loop, start = stage.removesuffix("-mem"), [], []
     shutil.rmtree(out, ignore_errors=True)
     if stage.endswith("-mem"):
-        timed(api, "run_sequential", box)
+        timed(api, "run_sequential", loop)
+        timed(sequential, "start_sequential", start)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         prune(model, method, "2:4", calibration=calibration(), nsamples=NSAMPLES, seqlen=SEQLEN, progress=False)
     else:
-        timed(streaming, "_prune_layers", box)
+        timed(streaming, "_prune_layers", loop)
+        timed(streaming, "_start_calibration", start)
         streaming.prune_to_folder(folder, out, method, "2:4", calibration=calibration(), nsamples=NSAMPLES, seqlen=SEQLEN,
                                   dtype=torch.float32, progress=False)  # fmt: skip
-    return box[0]
+    return loop[0], start[0]
 
 
 def stage_train(folder: Path) -> float:
@@ -207,15 +211,17 @@ def run_stage(args: argparse.Namespace) -> None:
     folder, work = Path(args.path), Path(args.work)
     layers = layer_params(folder)[0]
     name = "smollm2-135m" if folder.name.startswith("SmolLM2") else folder.name
+    start = 0.0
     if args.stage in ("wanda", "wanda-mem", "sparsegpt", "sparsegpt-mem"):
-        per_layer = stage_prune(args.stage, folder, work / f"{name}-{args.stage}") / layers
+        loop, start = stage_prune(args.stage, folder, work / f"{name}-{args.stage}")
+        per_layer = (loop - start) / layers
     elif args.stage == "train":
         per_layer = stage_train(folder)
     elif args.stage in ("merge", "merge-mem"):
         per_layer = stage_merge(args.stage, work / f"{name}-base", work / f"{name}-adapter", work / f"{name}-{args.stage}") / layers
     else:
         per_layer = stage_save(work / f"{name}-base", work / f"{name}-saved") / layers
-    print(json.dumps({"per_layer": per_layer, "peak_mb": peak_mb(), "baseline_mb": baseline}))
+    print(json.dumps({"per_layer": per_layer, "start_s": start, "peak_mb": peak_mb(), "baseline_mb": baseline}))
 
 
 # --------------------------------------------------------------------------- the parent

@@ -45,6 +45,7 @@ import shutil
 import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from fnmatch import fnmatch
 from dataclasses import dataclass
@@ -606,9 +607,10 @@ class PartialModelFolder:
     hold in memory), kept until `write_model_folder_from_parts` turns them into the folder.
 
     It lives beside the target as `.<name>.spp-hf-partial-<key>`, `key` naming the run's inputs and settings (a
-    hash the caller computes). Each part is written atomically and durably, so a part that exists is complete: a
-    run with the same key finds what an interrupted run finished and goes on from there. A run with another key
-    removes it, as the next writer of a target removes every temporary entry spp-hf left beside it.
+    hash the caller computes). A part is written to a temporary name and appears under its own name only once it
+    is on disk (fsync'ed, renamed, folder fsync'ed), so a part that exists is complete: a run with the same key
+    finds what an interrupted run finished and goes on from there. A run with another key removes it, as the next
+    writer of a target removes every temporary entry spp-hf left beside it.
     """
 
     def __init__(self, directory: str | os.PathLike, kind: str, key: str) -> None:
@@ -623,6 +625,8 @@ class PartialModelFolder:
                 shutil.rmtree(other, ignore_errors=True)
         self.folder.mkdir(exist_ok=True)
         fsync_dir(self.target.parent)
+        self._pending: Future | None = None
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spp-hf-fsync")
 
     def path(self, part: str) -> Path:
         if not _PART_NAME.fullmatch(part):
@@ -634,12 +638,42 @@ class PartialModelFolder:
         return self.path(part).is_file()
 
     def write(self, part: str, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Write one part, atomically and durably, as a transformers shard."""
-        atomic_save_safetensors(tensors, self.path(part), dict(_SHARD_METADATA))
+        """Write one part as a transformers shard. Its bytes are written now (the tensors may be freed on return);
+        making it durable and visible (fsync, rename) runs in the background while the caller prepares the next
+        part, the slow disk flush overlapping the work. At most one part is pending; `flush` waits for it."""
+        self.flush()
+        path = self.path(part)
+        for leftover in _own_siblings(path, "tmp"):
+            leftover.unlink(missing_ok=True)
+        tmp = _own_sibling(path, "tmp")
+        try:
+            save_file(_plain_tensors(tensors), str(tmp), metadata=dict(_SHARD_METADATA))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._pending = self._syncer.submit(_publish, tmp, path)
+
+    def flush(self) -> None:
+        """Wait until every part written is on disk under its name (re-raising a failure to get it there)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def remove(self) -> None:
+        self.flush()
         shutil.rmtree(self.folder, ignore_errors=True)
         fsync_dir(self.folder.parent)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Make a fully written temporary file durable, then give it its name, durably (the end of `atomic_path`)."""
+    try:
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_model_folder_from_parts(
@@ -664,6 +698,7 @@ def write_model_folder_from_parts(
     if "mask_fingerprint" not in sparsity:
         raise ValueError("sparsity must hold a 'mask_fingerprint'; build it with sparsity.model_sparsity_record.")
     check_model_folder_target(directory, sparsity["kind"])
+    parts.flush()
     with atomic_dir(directory, owned=_model_file) as staging:
         for config in configs:
             config.save_pretrained(staging)

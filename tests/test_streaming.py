@@ -4,7 +4,6 @@ at most one decoder layer in memory, and a killed prune that resumes at its firs
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from conftest import TINY, make_tiny_model
 from fixtures_hub import hub  # noqa: F401 - the local Hub fixture
 from test_pruning import CALIB, char_tokenizer, random_ids
 from spp_hf import MaskedLoRAConfig, SPPConfig, SPPMismatchError, get_spp_model
+from spp_hf.adapters import streaming_merge
 from spp_hf.adapters.merging import merge_to_folder
 from spp_hf.cli import main
 from spp_hf.hub.transfer import push_folder
@@ -151,8 +151,8 @@ def test_at_most_one_decoder_layer_in_memory(tmp_path, monkeypatch, no_whole_mod
 CHILD = textwrap.dedent(
     """
     import os, signal, sys, torch
-    sys.path.insert(0, {tests!r})
-    from spp_hf.pruning import streaming
+    from spp_hf.adapters.merging import merge_to_folder
+    from spp_hf.pruning.streaming import prune_to_folder
     from spp_hf.storage import PartialModelFolder
 
     write = PartialModelFolder.write
@@ -163,18 +163,22 @@ CHILD = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
 
     PartialModelFolder.write = write_then_die
-    ids = torch.load({ids!r})
-    streaming.prune_to_folder({checkpoint!r}, {out!r}, {method!r}, "2:4", calibration=ids, nsamples=8, seqlen=32, progress=False)
+    {call}
     """
 )
 
 
-def run_killed(tmp_path: Path, checkpoint: Path, out: Path, method: str, ids: torch.Tensor, kill_after: str) -> None:
-    torch.save(ids, tmp_path / "ids.pt")
-    code = CHILD.format(tests=str(REPO / "tests"), kill_after=kill_after, ids=str(tmp_path / "ids.pt"),
-                        checkpoint=str(checkpoint), out=str(out), method=method)  # fmt: skip
+def run_killed(call: str, kill_after: str) -> None:
+    """Run `call` in a fresh process that SIGKILLs itself once it has written the part `kill_after`."""
+    code = CHILD.format(kill_after=kill_after, call=call)
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+
+
+def run_killed_prune(tmp_path: Path, checkpoint: Path, out: Path, method: str, ids: torch.Tensor, kill_after: str) -> None:
+    torch.save(ids, tmp_path / "ids.pt")
+    run_killed(f"prune_to_folder({str(checkpoint)!r}, {str(out)!r}, {method!r}, '2:4', calibration=torch.load("
+               f"{str(tmp_path / 'ids.pt')!r}), nsamples=8, seqlen=32, progress=False)", kill_after)  # fmt: skip
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
@@ -182,16 +186,17 @@ def test_killed_prune_resumes_at_first_unfinished_layer(tmp_path, monkeypatch, m
     checkpoint = save_checkpoint(tmp_path / "ckpt", deep_llama(4))
     ids = random_ids()
     out = tmp_path / "out"
-    run_killed(tmp_path, checkpoint, out, method, ids, kill_after=layer_part(1))
+    run_killed_prune(tmp_path, checkpoint, out, method, ids, kill_after=layer_part(2))
     assert not out.exists()  # the target is only ever written whole
     (partial,) = tmp_path.glob(".out.spp-hf-partial-*")
-    assert sorted(p.name for p in partial.iterdir()) == ["layer-00000.safetensors", "layer-00001.safetensors", "rest.safetensors"]
+    done = {p.name.removesuffix(".safetensors") for p in partial.glob("*.safetensors")}
+    assert {"rest", layer_part(0), layer_part(1)} <= done  # layer 2 may still have been on its way to the disk
 
     pruned = []
     prune_block = streaming.prune_block
     monkeypatch.setattr(streaming, "prune_block", lambda block, name, *a: (pruned.append(name), prune_block(block, name, *a)))
     prune_to_folder(checkpoint, out, method, "2:4", calibration=ids, nsamples=8, seqlen=32, progress=False)
-    assert pruned == ["model.layers.2", "model.layers.3"]  # finished layers were not pruned again
+    assert pruned == [f"model.layers.{i}" for i in range(4) if layer_part(i) not in done]  # finished layers: not again
     assert not partial.exists()
     expected = in_memory_prune(checkpoint, tmp_path / "memory", method, "2:4", calibration=ids, nsamples=8, seqlen=32)
     assert_same_folder(expected, out)
@@ -200,7 +205,7 @@ def test_killed_prune_resumes_at_first_unfinished_layer(tmp_path, monkeypatch, m
 def test_other_settings_do_not_reuse_a_killed_runs_layers(tmp_path, monkeypatch):
     checkpoint = save_checkpoint(tmp_path / "ckpt", deep_llama(4))
     out = tmp_path / "out"
-    run_killed(tmp_path, checkpoint, out, "wanda", random_ids(), kill_after=layer_part(1))
+    run_killed_prune(tmp_path, checkpoint, out, "wanda", random_ids(), kill_after=layer_part(2))
     (partial,) = tmp_path.glob(".out.spp-hf-partial-*")
     pruned = []
     prune_block = streaming.prune_block
@@ -252,7 +257,8 @@ def test_partial_folder_keys_and_parts(tmp_path):
     target = tmp_path / "out"
     first = PartialModelFolder(target, "pruned-base", "a" * 16)
     first.write("rest", {"x": torch.ones(2)})
-    assert first.has("rest") and not first.has("layer-00000")
+    first.flush()  # a part appears under its name once it is on disk
+    assert first.has("rest") and not first.has("layer-00000") and not list(first.folder.glob(".*"))
     again = PartialModelFolder(target, "pruned-base", "a" * 16)
     assert again.folder == first.folder and again.has("rest")  # the same run finds its parts
     other = PartialModelFolder(target, "pruned-base", "b" * 16)
@@ -347,3 +353,19 @@ def test_streamed_merge_of_a_hub_adapter_and_base(tmp_path, hub, monkeypatch):  
     assert main(["merge", "user/tiny-spp", "--out", str(tmp_path / "memory"), "--in-memory"]) == 0
     assert main(["merge", "user/tiny-spp", "--out", str(tmp_path / "streamed")]) == 0
     assert_same_folder(tmp_path / "memory", tmp_path / "streamed")
+
+
+def test_killed_merge_resumes(tmp_path, monkeypatch):
+    base = pruned_base(tmp_path)
+    adapter = trained_adapter(base, tmp_path / "adapter", SPPConfig(r=4, target_modules="all-linear"))
+    out = tmp_path / "merged"
+    run_killed(f"merge_to_folder({str(adapter)!r}, {str(out)!r}, progress=False)", kill_after=layer_part(1))
+    (partial,) = tmp_path.glob(".merged.spp-hf-partial-*")
+    assert {"rest", layer_part(0)} <= {p.name.removesuffix(".safetensors") for p in partial.glob("*.safetensors")}
+    merged = []
+    merge_layer = streaming_merge._merge_layer
+    monkeypatch.setattr(streaming_merge, "_merge_layer", lambda block, prefix, *a: (merged.append(prefix), merge_layer(block, prefix, *a)))
+    merge_to_folder(adapter, out, progress=False)
+    assert "model.layers.0." not in merged and not partial.exists()
+    merge_to_folder(adapter, tmp_path / "memory", in_memory=True, progress=False)
+    assert_same_folder(tmp_path / "memory", out)

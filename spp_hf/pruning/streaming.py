@@ -45,7 +45,7 @@ from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from ..hub.cards import render_pruned_base_card
 from ..hub.transfer import SPPHubError, base_model_errors, explain_hub_error
 from ..layer_weights import dense_weight, in_out_features, is_linear_like
-from ..sparsity import PRUNING_METHODS, LayerSparsity, SparsityReport, fingerprint_modules, iter_linear_weights, sparsity_report
+from ..sparsity import PRUNING_METHODS, LayerSparsity, SparsityReport, fingerprint_modules, sparsity_report
 from ..storage import (
     SAFE_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -135,7 +135,8 @@ def read_tensors(where: Mapping[str, Path], keys: Sequence[str]) -> dict[str, to
 
 
 def part_files(parts: PartialModelFolder, names: Sequence[str]) -> dict[str, Path]:
-    """{tensor name: part file} of finished parts."""
+    """{tensor name: part file} of finished parts (waiting for the last one written to be on disk)."""
+    parts.flush()
     where = {}
     for name in names:
         path = parts.path(name)
@@ -169,11 +170,13 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 def return_freed_memory() -> None:
-    """Hand the pages of freed tensors back to the OS (glibc `malloc_trim`); called once per layer.
+    """Hand the pages of freed tensors back to the OS (glibc `malloc_trim`). A no-op off glibc.
 
     The CLI keeps freed memory in the process for training speed (`training.cpu_allocator.keep_freed_memory`):
-    the next layer's temporaries then land on other heap pages and the resident size creeps up layer after
-    layer. Trimming once per layer bounds it by one layer's working set. A no-op off glibc.
+    temporaries of other sizes then land on fresh heap pages and the resident size creeps up. Called where a phase
+    leaves much memory free: after tokenizing the calibration text, after the capture, after each module a
+    calibrated method pruned, after each layer read back for sparsity.json or merged. Not between the layers of
+    the prune loop, whose same-sized buffers are reused there and would only be faulted in again.
     """
     trim = _malloc_trim()
     if trim is not None:
@@ -321,15 +324,22 @@ class StreamedCheckpoint:
                     self.materialise(module, f"{name}.", where)
                     yield f"{name}.", module, functools.partial(release, module)
 
-        def weights() -> Iterator[tuple[str, torch.Tensor]]:
-            for prefix, module, free in units():
-                layers.extend(replace(layer, name=(prefix + layer.name).rstrip(".")) for layer in sparsity_report(module).layers)
-                for name, weight in iter_linear_weights(module):
+        def unit_weights(prefix: str, unit: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+            """Each linear layer's report entry, and its weight for the fingerprint: a copy, since the consumer keeps
+            the last weight until its next one and a tensor read from a file keeps the file's whole mapping (the
+            layer) in memory while it lives. Freed temporaries go back to the OS after each linear layer."""
+            for name, module in unit.named_modules():
+                if is_linear_like(module):
                     full = (prefix + name).rstrip(".")
+                    layers.extend(replace(layer, name=full) for layer in sparsity_report(module).layers)
                     if chosen is None or full in chosen:
-                        yield full, weight
+                        yield full, dense_weight(module).clone()
+                    return_freed_memory()
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            for prefix, unit, free in units():
+                yield from unit_weights(prefix, unit)
                 free()
-                return_freed_memory()
 
         with single_threaded(torch.device("cpu")):  # threads' allocations of its temporaries pile up in their arenas
             fingerprint = fingerprint_modules(weights())
@@ -358,6 +368,31 @@ def _checkpoint_tokenizer(folder: Path) -> Any | None:
         return None
 
 
+def _trimmed(make_stats: Callable, prune_module: Callable) -> tuple[Callable, Callable]:
+    """The method's functions, its per-module step followed by `return_freed_memory` (SparseGPT's workspace of a wide
+    layer, several Hessian-sized matrices, would otherwise stay resident under the next module's)."""
+
+    def prune_and_trim(name: str, weight: torch.Tensor, stats: Any) -> None:
+        prune_module(name, weight, stats)
+        return_freed_memory()
+
+    return make_stats, prune_and_trim
+
+
+def _calibration(
+    ckpt: StreamedCheckpoint, model: str, calibration: Any, tokenizer: Any | None, nsamples: int, seqlen: int, seed: int
+) -> CalibrationData:
+    """The calibration windows, checked against the model's vocabulary as `prune` checks them."""
+    if tokenizer is None and not isinstance(calibration, torch.Tensor):
+        raise ValueError(f"Calibration text needs a tokenizer and {model} has none: pass tokenizer=.")
+    calib = load_calibration(calibration, tokenizer, nsamples, seqlen, seed)
+    return_freed_memory()  # what tokenizing a corpus allocated, before the first layer is read
+    vocab = ckpt.model.get_input_embeddings().num_embeddings
+    if int(calib.input_ids.max()) >= vocab or int(calib.input_ids.min()) < 0:
+        raise ValueError(f"Calibration token ids fall outside the model's vocabulary of {vocab}: wrong tokenizer?")
+    return calib
+
+
 def _run_key(ckpt: StreamedCheckpoint, settings: dict[str, Any], calib: CalibrationData | None) -> str:
     """A hash of everything the pruned tensors depend on: the checkpoint's files, the settings, the calibration
     tokens, and the versions of spp-hf and torch. A resumed run reuses finished layers only under the same key."""
@@ -370,14 +405,16 @@ def _run_key(ckpt: StreamedCheckpoint, settings: dict[str, Any], calib: Calibrat
 
 
 def _start_calibration(
-    ckpt: StreamedCheckpoint, calib: CalibrationData, device: torch.device | str | None, batch_size: int | None
+    ckpt: StreamedCheckpoint, calib: CalibrationData, device: torch.device | str | None, batch_size: int | None, keep_first: bool
 ) -> BlockInputs:
-    """Capture the first layer's inputs with the embeddings and the (unpruned) first layer loaded, then free both."""
+    """Capture the first layer's inputs with the embeddings and the (unpruned) first layer loaded, then free the
+    embeddings, and the first layer unless `keep_first` (it is pruned next: read once)."""
     ckpt.load_outside()
     try:
         first = ckpt.load_layer(0)
         state = start_sequential(ckpt.model, first, calib.input_ids, torch.device(device or "cpu"), batch_size)
-        ckpt.release_layer(0)
+        if not keep_first:
+            ckpt.release_layer(0)
     finally:
         ckpt.release_outside()
         return_freed_memory()
@@ -400,13 +437,17 @@ def _prune_layers(
     """Prune every decoder layer not yet in `parts` and write it there; finished layers are only run forward."""
     count = len(ckpt.layers)
     first = next((i for i in range(count) if not parts.has(layer_part(i))), count)
-    state = _start_calibration(ckpt, calib, device, batch_size) if calib is not None and first < count else None
+    state = _start_calibration(ckpt, calib, device, batch_size, first == 0) if calib is not None and first < count else None
     work_device = torch.device(device or "cpu")
     for index in tqdm(range(count), desc=desc, unit="layer", disable=not progress):
         done = index < first  # finished by an interrupted run: only its outputs are needed, as the next layer's inputs
         if done and state is None:
             continue
-        block = ckpt.load_layer(index, part_files(parts, [layer_part(index)]) if done else None).to(work_device)
+        if index == 0 and state is not None and first == 0:
+            block = ckpt.layers[0]  # still loaded from the calibration start
+        else:
+            block = ckpt.load_layer(index, part_files(parts, [layer_part(index)]) if done else None)
+        block = block.to(work_device)
         if not done:
             name = block_name(ckpt.layers_name, index)
             if state is not None:
@@ -419,7 +460,6 @@ def _prune_layers(
         if state is not None and index + 1 < count:
             advance(block, state)
         ckpt.release_layer(index)
-        return_freed_memory()
 
 
 @torch.no_grad()
@@ -464,14 +504,7 @@ def prune_to_folder(
     for name, module in targets:
         spec.check_in_features(name, in_out_features(module)[0])
     tokenizer = tokenizer if tokenizer is not None else _checkpoint_tokenizer(folder)
-    calib = None
-    if method != "magnitude":
-        if tokenizer is None and not isinstance(calibration, torch.Tensor):
-            raise ValueError(f"Calibration text needs a tokenizer and {model} has none: pass tokenizer=.")
-        calib = load_calibration(calibration, tokenizer, nsamples, seqlen, seed)
-        vocab = ckpt.model.get_input_embeddings().num_embeddings
-        if int(calib.input_ids.max()) >= vocab or int(calib.input_ids.min()) < 0:
-            raise ValueError(f"Calibration token ids fall outside the model's vocabulary of {vocab}: wrong tokenizer?")
+    calib = None if method == "magnitude" else _calibration(ckpt, str(model), calibration, tokenizer, nsamples, seqlen, seed)
     names = [name for name, _ in targets]
     settings = {"method": method, "sparsity": str(spec), "modules": names, "blocksize": blocksize, "percdamp": percdamp,
                 "batch_size": batch_size, "device": torch.device(device or "cpu").type}  # fmt: skip
@@ -479,7 +512,7 @@ def prune_to_folder(
     if not parts.has(REST_PART):
         parts.write(REST_PART, ckpt.read(ckpt.rest_keys()))
     with _calibration_mode(ckpt.model):
-        method_fns = _method_fns(method, spec, blocksize, percdamp) if calib is not None else None
+        method_fns = _trimmed(*_method_fns(method, spec, blocksize, percdamp)) if calib is not None else None
         _prune_layers(ckpt, parts, spec, set(names), calib, method_fns, device, batch_size, progress, f"{method} {spec} (streamed)")
     part_names = [REST_PART] + [layer_part(i) for i in range(len(ckpt.layers))]
     full, fingerprint = ckpt.folder_sparsity(part_files(parts, part_names), names)
