@@ -5,6 +5,7 @@ from .adapters.masked_lora import MaskedLoRAConfig
 from .adapters.spp import SPPConfig
 from .adapters.files import SPPMismatchError
 from .adapters.loading import SPPModel
+from .adapters.pretrained import load_sparse_peft_model
 from .adapters.model import SPPModelMixin, get_spp_model
 from .adapters.sparse_peft import get_sparse_peft_model
 from .sparsity import sparsity_report
@@ -19,6 +20,7 @@ __all__ = [
     "SPPMismatchError",
     "get_spp_model",
     "get_sparse_peft_model",
+    "load_sparse_peft_model",
     "sparsity_report",
     "SPPSFTTrainer",
 ]

@@ -29,6 +29,11 @@ An adapter's config and weights live in one folder that is swapped as a whole, a
 records the sha256 of the config bytes it was saved with (`spp_config_sha256` in the safetensors
 metadata); `read_adapter_files` refuses a pair from two different saves (a folder written in place,
 like a Trainer checkpoint, could otherwise mix them). One writer per target at a time is assumed.
+
+A sparse-PEFT adapter is written the same way under PEFT's names (`adapter_config.json`,
+`adapter_model.safetensors`) plus spp-hf's record of its base (`spp_sparse_peft.json`); its weights file
+records the sha256 of config and record together (`spp_sparse_peft_sha256`), checked by
+`read_peft_adapter_files`. PEFT's files in a folder count as spp-hf's own only beside such a record.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from fnmatch import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +68,13 @@ SPARSITY_NAME = "sparsity.json"
 README_NAME = "README.md"
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, README_NAME)
 CONFIG_HASH_KEY = "spp_config_sha256"
+# A sparse-PEFT adapter (`spp_hf.get_sparse_peft_model`) is saved under PEFT's own file names, plus spp-hf's record.
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_FILES = (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, "adapter_model.bin")
+SPARSE_PEFT_NAME = "spp_sparse_peft.json"
+SPARSE_PEFT_FILES = (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, SPARSE_PEFT_NAME, README_NAME)
+SPARSE_PEFT_HASH_KEY = "spp_sparse_peft_sha256"
 SPARSITY_FORMAT_VERSION = 1
 MODEL_KINDS = ("pruned-base", "spp-merged", "merged")
 _KIND_FAMILIES = {"pruned-base": "pruned-base", "spp-merged": "merged", "merged": "merged"}
@@ -364,6 +376,12 @@ def atomic_dir(path: str | os.PathLike, owned: Callable[[Path], bool] = _never_o
 
 
 # --------------------------------------------------------------------------- adapters
+# Fields that only say where the base lives: re-keying an adapter to a pushed base (or fixing a moved
+# base by hand) changes them without touching what the weights mean, so they are left out of the hash.
+BASE_POINTER_FIELDS = ("base_model_name_or_path", "base_model_revision")
+PEFT_BASE_POINTER_FIELDS = ("base_model_name_or_path", "revision")  # the same two in PEFT's adapter_config.json
+
+
 @dataclass
 class AdapterFiles:
     """One adapter's files: its config (the `spp_config.json` data), weights and model card."""
@@ -373,15 +391,72 @@ class AdapterFiles:
     card: str | None = None
     metadata: Mapping[str, str] | None = None  # extra safetensors metadata, e.g. {"spp_adapter": name}
 
+    @property
+    def base(self) -> tuple[str | None, str | None]:
+        """(name or path, revision) of the pruned base the adapter belongs to."""
+        return self.config.get("base_model_name_or_path"), self.config.get("base_model_revision")
 
-# Fields that only say where the base lives: re-keying an adapter to a pushed base (or fixing a moved
-# base by hand) changes them without touching what the weights mean, so they are left out of the hash.
-BASE_POINTER_FIELDS = ("base_model_name_or_path", "base_model_revision")
+    @property
+    def mask_fingerprint(self) -> dict | None:
+        return self.config.get("mask_fingerprint")
+
+    def rekeyed(self, base: str | None, revision: str | None, card: str | None = None) -> "AdapterFiles":
+        """The same adapter keyed to another copy of its base (`base`@`revision`): only the base pointers change."""
+        config = {**self.config, "base_model_name_or_path": base, "base_model_revision": revision}
+        return AdapterFiles(config, self.tensors, card, self.metadata)
+
+    def write_into(self, folder: Path, metadata: Mapping[str, str] | None = None) -> None:
+        _write_adapter_into(folder, self, metadata)
+
+
+@dataclass
+class PeftAdapterFiles:
+    """One sparse-PEFT adapter's files: PEFT's `adapter_config.json` data (as written: a masked adapter's
+    `peft_type` is spp-hf's marker), spp-hf's record of its base (`spp_sparse_peft.json`), weights (keyed as
+    PEFT keys them) and model card."""
+
+    config: dict[str, Any]
+    record: dict[str, Any]
+    tensors: Mapping[str, torch.Tensor]
+    card: str | None = None
+
+    @property
+    def base(self) -> tuple[str | None, str | None]:
+        return self.record.get("base_model_name_or_path"), self.record.get("base_model_revision")
+
+    @property
+    def mask_fingerprint(self) -> dict | None:
+        return self.record.get("mask_fingerprint")
+
+    def rekeyed(self, base: str | None, revision: str | None, card: str | None = None) -> "PeftAdapterFiles":
+        """Keyed to `base`@`revision` in the record and in PEFT's config (`base_model_name_or_path`, `revision`)."""
+        config = {**self.config, "base_model_name_or_path": base, "revision": revision}
+        record = {**self.record, "base_model_name_or_path": base, "base_model_revision": revision}
+        return PeftAdapterFiles(config, record, self.tensors, card)
+
+    def write_into(self, folder: Path, metadata: Mapping[str, str] | None = None) -> None:
+        """Weights first (recording the hash of config and record), then config, record and card, each atomic."""
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"format": "pt", **(metadata or {}), SPARSE_PEFT_HASH_KEY: sparse_peft_sha256(self.config, self.record)}
+        atomic_save_safetensors(self.tensors, folder / PEFT_WEIGHTS_NAME, metadata=meta)
+        atomic_write_bytes(folder / PEFT_CONFIG_NAME, json_bytes(self.config))
+        atomic_write_bytes(folder / SPARSE_PEFT_NAME, json_bytes(self.record))
+        if self.card is not None:
+            atomic_write_text(folder / README_NAME, self.card)
 
 
 def config_sha256(config: dict[str, Any]) -> str:
     """sha256 of a config without its base pointers: what the weights file records to pair the two."""
     return hashlib.sha256(json_bytes({k: v for k, v in config.items() if k not in BASE_POINTER_FIELDS})).hexdigest()
+
+
+def sparse_peft_sha256(config: dict[str, Any], record: dict[str, Any]) -> str:
+    """sha256 of a sparse-PEFT adapter's config and record without their base pointers (see `config_sha256`)."""
+    data = {
+        "adapter_config": {k: v for k, v in config.items() if k not in PEFT_BASE_POINTER_FIELDS},
+        "record": {k: v for k, v in record.items() if k not in BASE_POINTER_FIELDS},
+    }
+    return hashlib.sha256(json_bytes(data)).hexdigest()
 
 
 def _write_adapter_into(folder: Path, files: AdapterFiles, metadata: Mapping[str, str] | None) -> None:
@@ -397,8 +472,13 @@ def _write_adapter_into(folder: Path, files: AdapterFiles, metadata: Mapping[str
 
 
 def _adapter_owned(entry: Path) -> bool:
-    """An earlier adapter's files: its config, weights, and a README.md that is an spp-hf card."""
-    return entry.name in (CONFIG_NAME, WEIGHTS_NAME) or (entry.name == README_NAME and is_spp_card(entry))
+    """An earlier adapter's files: its config, weights and record, PEFT's files beside spp-hf's record, and a
+    README.md that is an spp-hf card (a user's own PEFT adapter or README beside them is theirs)."""
+    if entry.name in (CONFIG_NAME, WEIGHTS_NAME, SPARSE_PEFT_NAME):
+        return True
+    if entry.name in PEFT_FILES:
+        return (entry.parent / SPARSE_PEFT_NAME).is_file()
+    return entry.name == README_NAME and is_spp_card(entry)
 
 
 def is_spp_card(path: Path) -> bool:
@@ -419,21 +499,25 @@ def _check_subfolder(name: str) -> None:
 
 def write_adapters(
     directory: str | os.PathLike,
-    adapters: Mapping[str, AdapterFiles],
+    adapters: Mapping[str, AdapterFiles | PeftAdapterFiles],
     metadata: Mapping[str, str] | None = None,
+    in_place: bool = False,
 ) -> Path:
-    """Write several adapters in one atomic folder replacement: key "" is the folder itself, others sub-folders.
+    """Write several adapters (SPP's files or sparse PEFT's) in one atomic folder replacement: key "" is the folder
+    itself, others sub-folders.
 
     Entries the new save does not write (other sub-folders, a Trainer's checkpoints, `.git`, user files) are
     kept; an earlier adapter's files are not, nor its README.md when spp-hf wrote it (a save without a card
-    must not keep the card of the adapter it replaces).
+    must not keep the card of the adapter it replaces). With `in_place` the files are written file by file
+    into the folder as it is (a Trainer's checkpoint folder, which the Trainer owns): each atomic, paired by
+    the hash the weights record.
     """
     for name in adapters:
         if name:
             _check_subfolder(name)
-    with atomic_dir(directory, owned=_adapter_owned) as staging:
+    with nullcontext(check_writable_target(directory)) if in_place else atomic_dir(directory, owned=_adapter_owned) as folder:
         for name, files in adapters.items():
-            _write_adapter_into(staging / name if name else staging, files, metadata)
+            files.write_into(folder / name if name else folder, metadata)
     return Path(directory)
 
 
@@ -459,9 +543,7 @@ def write_adapter_files_in_place(
 
     Each file is atomic and durable; the config hash in the weights file catches a crash between them.
     """
-    directory = Path(directory)
-    _write_adapter_into(directory, AdapterFiles(config_dict, tensors, card_text), metadata)
-    return directory
+    return write_adapters(directory, {"": AdapterFiles(config_dict, tensors, card_text)}, metadata, in_place=True)
 
 
 def read_adapter_files(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -482,18 +564,8 @@ def read_adapter_files(directory: str | os.PathLike) -> tuple[dict[str, Any], di
             f"No {WEIGHTS_NAME} in {directory}: the adapter is incomplete. Save it again with "
             "model.save_pretrained(...) or download it again."
         )
-    config_bytes = config_path.read_bytes()
-    config = _parse_json(config_path, config_bytes, "the adapter is corrupt: save or download it again")
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} does not hold a JSON object; the adapter is corrupt: save or download it again.")
-    try:
-        with safe_open(str(weights_path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(
-            f"{weights_path} is corrupt or not a safetensors file ({err}); save or download the adapter again."
-        ) from None
+    config = _read_json_object(config_path)
+    metadata, tensors = _read_safetensors(weights_path)
     recorded = metadata.get(CONFIG_HASH_KEY)
     if recorded is not None and recorded != config_sha256(config):
         raise ValueError(
@@ -503,6 +575,75 @@ def read_adapter_files(directory: str | os.PathLike) -> tuple[dict[str, Any], di
             "resume from an earlier checkpoint."
         )
     return config, tensors
+
+
+def read_peft_adapter_files(directory: str | os.PathLike) -> PeftAdapterFiles:
+    """A sparse-PEFT adapter's config, record and tensors, checked to come from one spp-hf save (card: None).
+
+    Raises FileNotFoundError / ValueError that name the file and the fix for a missing, corrupt or mismatched
+    file; weights that record no hash were not written with this record (e.g. PEFT's own save over the folder).
+    """
+    directory = readable_folder(directory)
+    record_path, config_path, weights_path = (directory / n for n in (SPARSE_PEFT_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME))
+    if not record_path.is_file():
+        raise FileNotFoundError(
+            f"No {SPARSE_PEFT_NAME} in {directory}: this is not a sparse-PEFT adapter saved by spp-hf (a plain PEFT "
+            "adapter loads with peft.PeftModel.from_pretrained; an SPP adapter has spp_config.json)."
+        )
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"No {path.name} in {directory}: the adapter is incomplete. Save it again with "
+                "model.save_pretrained(...) or download it again."
+            )
+    config, record = _read_json_object(config_path), _read_json_object(record_path)
+    metadata, tensors = _read_safetensors(weights_path)
+    expected, recorded = sparse_peft_sha256(config, record), metadata.get(SPARSE_PEFT_HASH_KEY)
+    if recorded != expected:
+        why = "records no spp-hf hash (it was written by another save, e.g. PEFT's own)" if recorded is None else (
+            f"record sha256 {recorded[:12]}, the config and record have {expected[:12]}")
+        raise ValueError(
+            f"{weights_path.name}, {PEFT_CONFIG_NAME} and {SPARSE_PEFT_NAME} in {directory} come from different saves "
+            f"(the weights {why}): a save was interrupted, or a file was replaced or edited beyond its base pointers. "
+            "Save the adapter again with the model get_sparse_peft_model returned, or resume from an earlier checkpoint."
+        )
+    return PeftAdapterFiles(config, record, tensors)
+
+
+def is_sparse_peft_folder(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a sparse-PEFT adapter saved by spp-hf (its record of the base)."""
+    return (Path(folder) / SPARSE_PEFT_NAME).is_file()
+
+
+def read_adapter_folder(directory: str | os.PathLike) -> AdapterFiles | PeftAdapterFiles:
+    """The adapter saved in `directory` in either format (SPP's files, or a sparse-PEFT adapter), checked to come
+    from one save; its README.md as the card when it has one."""
+    directory = Path(directory)
+    if is_sparse_peft_folder(readable_folder(directory)):
+        files: AdapterFiles | PeftAdapterFiles = read_peft_adapter_files(directory)
+    else:
+        files = AdapterFiles(*read_adapter_files(directory))
+    card = readable_folder(directory) / README_NAME
+    files.card = card.read_text(encoding="utf-8") if card.is_file() else None
+    return files
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    data = _parse_json(path, path.read_bytes(), "the adapter is corrupt: save or download it again")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object; the adapter is corrupt: save or download it again.")
+    return data
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of an adapter's weights file, a corrupt file reported with the fix."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is corrupt or not a safetensors file ({err}); save or download the adapter again.") from None
+    return metadata, tensors
 
 
 def _parse_json(path: Path, data: bytes, fix: str) -> Any:

@@ -56,22 +56,29 @@ def check_same_method(existing: AdapterConfig | None, config: AdapterConfig, ada
 
 def check_fingerprint(config: AdapterConfig, found: dict, strict: bool = True) -> None:
     """Compare the adapter's recorded base fingerprint with the base it is loaded onto."""
-    expected = config.mask_fingerprint
+    label = f"{type(config).__name__.removesuffix('Config')} adapter"
+    check_base_zeros(config.mask_fingerprint, found, label, config.base_model_name_or_path, config.base_model_revision, strict)
+
+
+def check_base_zeros(
+    expected: dict | None, found: dict, label: str, base: str | None, revision: str | None, strict: bool = True
+) -> None:
+    """Refuse (`SPPMismatchError`; a warning with ``strict=False``) a base whose zero masks differ from the
+    fingerprint `expected` an adapter (`label`, e.g. "SPP adapter") recorded of `base`@`revision`."""
     if not expected:
         return
     problems = zero_mask_differences(expected, found)
     if not problems:
         return
     message = (
-        f"This {type(config).__name__.removesuffix('Config')} adapter was trained on base {config.base_model_name_or_path!r} "
-        f"(revision {config.base_model_revision}, mask hash {expected['hash'][:12]}), but the base it is being "
-        f"loaded onto has mask hash {found['hash'][:12]}: {len(problems)} modules differ, first {problems[0]}. "
-        "Load the pruned base the adapter was "
-        "trained on (base_model=..., revision=...), or pass strict=False to load anyway."
+        f"This {label} was trained on base {base!r} (revision {revision}, mask hash {expected['hash'][:12]}), but the "
+        f"base it is being loaded onto has mask hash {found['hash'][:12]}: {len(problems)} modules differ, first "
+        f"{problems[0]}. Load the pruned base the adapter was trained on (base_model=..., revision=...), or pass "
+        "strict=False to load anyway."
     )
     if strict:
         raise SPPMismatchError(message)
-    warnings.warn(message, stacklevel=3)
+    warnings.warn(message, stacklevel=4)
 
 
 def root_adapter(names: list[str], active: str) -> str:

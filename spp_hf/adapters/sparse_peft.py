@@ -32,9 +32,11 @@ and chains ∂L/∂ΔW = (Gᵀ X_drop) ⊙ M into the adapter's parameters with 
 computed in at least float32; the GEMMs run in X's dtype, as the base layer's would. Weight-sized tensors exist
 only transiently inside one call (ΔW as PEFT builds it, M, W_eff, Gᵀ X); M and W_eff reuse buffers on the CPU.
 
-Not covered yet: mixed-adapter batches (``adapter_names=`` in forward), 4/8-bit bases, and re-applying the patch
-when a saved adapter is loaded with ``PeftModel.from_pretrained`` (wrap the base with this function and load the
-adapter's state instead).
+The returned PeftModel's class is swapped too (`_sparse_model_class`), for ``save_pretrained`` / ``push_to_hub`` /
+``load_adapter`` with spp-hf's record of the base (`sparse_peft_files`: a masked adapter's folder is refused by plain
+``PeftModel.from_pretrained``; load it with `spp_hf.load_sparse_peft_model` or `spp_hf.SPPModel.from_pretrained`).
+
+Not covered yet: mixed-adapter batches (``adapter_names=`` in forward), 4/8-bit bases.
 """
 
 from __future__ import annotations
@@ -61,14 +63,14 @@ from torch import nn
 from ..layer_weights import Conv1D, dense_weight
 from ..sparsity import fingerprint_modules
 from .chunked import compute_dtype, scratch
+from .sparse_peft_files import SparsePeftModelMixin
 
 SUPPORTED_METHODS = (
     "LoRA (plain: no DoRA or other LoRA variant, lora_bias=False), LoHa, LoKr, VeRA and FourierFT (their update is "
     "masked to the base's non-zeros), HiRA and IA³ (multiplicative: zeros kept by construction)"
 )
-SUPPORTED_PEFT_TYPES = (
-    PeftType.LORA, PeftType.LOHA, PeftType.LOKR, PeftType.VERA, PeftType.FOURIERFT, PeftType.HIRA, PeftType.IA3,
-)  # fmt: skip
+ADDITIVE_PEFT_TYPES = (PeftType.LORA, PeftType.LOHA, PeftType.LOKR, PeftType.VERA, PeftType.FOURIERFT)  # masked
+SUPPORTED_PEFT_TYPES = (*ADDITIVE_PEFT_TYPES, PeftType.HIRA, PeftType.IA3)
 # LoRA initialisations that only set A and B (the others, e.g. PiSSA, OLoRA, CorDA, LoftQ, rewrite the base weight)
 LORA_INITS_KEEPING_BASE = (True, False, "gaussian", "orthogonal")
 
@@ -119,6 +121,7 @@ def get_sparse_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_nam
             param.requires_grad_(flag)
         raise
     tuner.__class__ = _sparse_tuner_class(type(tuner))
+    peft_model.__class__ = _sparse_model_class(type(peft_model))
     return peft_model
 
 
@@ -219,6 +222,7 @@ def _patch_layers(tuner: nn.Module) -> None:
 # --------------------------------------------------------------------------- patched layer classes
 _LAYER_CLASSES: dict[type, type] = {}
 _TUNER_CLASSES: dict[type, type] = {}
+_MODEL_CLASSES: dict[type, type] = {}
 
 
 def _register(cls: type, name: str) -> type:
@@ -246,6 +250,14 @@ def _sparse_tuner_class(cls: type) -> type:
         name = f"Sparse{cls.__name__}"
         _TUNER_CLASSES[cls] = _register(type(name, (_SparseTuner, cls), {}), name)
     return _TUNER_CLASSES[cls]
+
+
+def _sparse_model_class(cls: type) -> type:
+    """The PeftModel class (e.g. PeftModelForCausalLM) with spp-hf's save / load (`SparsePeftModelMixin`), made once."""
+    if cls not in _MODEL_CLASSES:
+        name = f"Sparse{cls.__name__}"
+        _MODEL_CLASSES[cls] = _register(type(name, (SparsePeftModelMixin, cls), {}), name)
+    return _MODEL_CLASSES[cls]
 
 
 class _CheckedMergeLayer:
@@ -594,6 +606,11 @@ class _SparseTuner:
                         _checked_merge(module, peft_merge, safe_merge, adapter_names, write=False)
                     except ValueError as error:
                         raise ValueError(f"{name}: {error}") from None
+
+    def spp_masked(self, adapter_name: str) -> bool:
+        """Whether the adapter's update is masked to the base's non-zeros (additive methods) rather than keeping
+        the zeros by construction (HiRA, IA³)."""
+        return self.peft_config[adapter_name].peft_type in ADDITIVE_PEFT_TYPES
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         self._spp_check_merges(adapter_names, safe_merge)

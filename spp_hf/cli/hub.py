@@ -18,7 +18,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     push.add_argument("folder", help="folder written by save_pretrained / spp-hf prune / spp-hf merge")
     push.add_argument("repo_id", help="namespace/name of the Hub repo (created if missing)")
     push.add_argument("--base", default=None, metavar="ORG/NAME[@REV]",
-                      help="adapters (SPP, masked LoRA) only: the pruned base on the Hub to key the adapter to (required when it was "
+                      help="adapters (SPP, masked LoRA, sparse PEFT) only: the pruned base on the Hub to key the adapter to (required when it was "
                            "trained on a local folder); its zeros are checked and its commit pinned")  # fmt: skip
     add_hub_args(push, revision_help="branch to push to (created from main if missing)")
     push.add_argument("--commit-message", default=None)
@@ -34,7 +34,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     publish.set_defaults(func=_run_publish)
 
     merge = subparsers.add_parser(
-        "merge", help="merge an SPP adapter into its pruned base (zeros kept) and save it",
+        "merge", help="merge an adapter (SPP, masked LoRA, sparse PEFT) into its pruned base (zeros kept) and save it",
         description="Merge an adapter into its pruned base, one decoder layer at a time (the merged model need not fit in "
         "memory; run the same command again to resume a killed merge), and save a plain transformers checkpoint.",
     )  # fmt: skip

@@ -13,6 +13,7 @@ The usage snippet names the repo the card is pushed to; when that is not known y
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.resources
 import json
 from collections.abc import Iterable
@@ -239,10 +240,17 @@ def render_baseline_merged_card(
     )  # fmt: skip
 
 
-# The recovery baselines that merge without an spp-hf adapter (the pipeline's `lora_star` and `masked_full`).
+# The recovery baselines that merge without an spp-hf adapter (the pipeline's `lora_star` and `masked_full`), and
+# PEFT's methods through `get_sparse_peft_model` (`sparse_peft_method` names them; "masked_lora" is the kind's).
 BASELINE_LABELS = {
     "lora_star": "LoRA*", "masked_full": "masked full fine-tuning", "hira": "HiRA", "ia3": "IA³", "masked_lokr": "masked LoKr",
+    "masked_loha": "masked LoHa", "masked_vera": "masked VeRA", "masked_fourierft": "masked FourierFT",
 }  # fmt: skip
+_MASKED_PEFT_DESCRIPTION = (
+    "The pruned model {base_link} fine-tuned with PEFT's **{method}**: the update multiplied by the base's zero "
+    "mask (`spp_hf.get_sparse_peft_model`), merged as W + ΔW ⊙ (W ≠ 0). It has exactly the base's zeros "
+    "({sparsity_summary} in the linear layers) and loads as a plain transformers model."
+)
 BASELINE_TITLES = {"lora_star": "LoRA* (merged, mask re-applied)", "masked_full": "masked full fine-tuning"}
 BASELINE_DESCRIPTIONS = {
     "lora_star": (
@@ -267,16 +275,83 @@ BASELINE_DESCRIPTIONS = {
         "every zero by construction) and merged with the merge checked. It has exactly the base's zeros "
         "({sparsity_summary} in the linear layers) and loads as a plain transformers model."
     ),
-    "masked_lokr": (
-        "The pruned model {base_link} fine-tuned with PEFT's **LoKr** whose update is multiplied by the base's zero "
-        "mask (`spp_hf.get_sparse_peft_model`), merged as W + ΔW ⊙ (W ≠ 0). It has exactly the base's zeros "
-        "({sparsity_summary} in the linear layers) and loads as a plain transformers model."
-    ),
+    "masked_lokr": _MASKED_PEFT_DESCRIPTION.replace("{method}", "LoKr"),
+    "masked_loha": _MASKED_PEFT_DESCRIPTION,
+    "masked_vera": _MASKED_PEFT_DESCRIPTION,
+    "masked_fourierft": _MASKED_PEFT_DESCRIPTION,
     "": (
         "The pruned model {base_link} fine-tuned with **{method}** and merged. It has exactly the base's zeros "
         "({sparsity_summary} in the linear layers) and loads as a plain transformers model."
     ),
 }
+
+
+# --------------------------------------------------------------------------- sparse-PEFT adapters
+SPARSE_PEFT_LABELS = {
+    "LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA", "FOURIERFT": "FourierFT", "HIRA": "HiRA", "IA3": "IA³",
+}  # fmt: skip
+
+
+def sparse_peft_label(record: dict) -> str:
+    """What a sparse-PEFT adapter is, from spp-hf's record of it: "masked LoRA", "HiRA", ..."""
+    peft_type = str(record.get("peft_type"))
+    label = SPARSE_PEFT_LABELS.get(peft_type, peft_type)
+    return f"masked {label}" if record.get("masked") else label
+
+
+def sparse_peft_method(record: dict) -> str:
+    """The method name of a sparse-PEFT adapter's merged model (its card, its sparsity.json): "hira", "ia3",
+    "masked_lokr", ... as `spp-hf run` names them."""
+    peft_type = str(record.get("peft_type")).lower()
+    return f"masked_{peft_type}" if record.get("masked") else peft_type
+
+
+def render_sparse_peft_card(
+    record: dict,
+    peft_config: dict,
+    *,
+    repo_id: str | None = None,
+    dataset_name: str | None = None,
+    final_loss: float | None = None,
+    training_args: dict | None = None,
+    related: list[tuple[str, str]] | None = None,
+) -> str:
+    """Card of a sparse-PEFT adapter (PEFT's files plus spp-hf's record of its base): how to load it, its base
+    (revision, mask fingerprint, sparsity of the adapted layers) and settings. `record` is the
+    `spp_sparse_peft.json` data, `peft_config` PEFT's config as saved."""
+    base, revision = record.get("base_model_name_or_path"), record.get("base_model_revision")
+    base_meta = base_metadata(base, revision)
+    fingerprint = record.get("mask_fingerprint") or {}
+    report = fingerprint_report(fingerprint)
+    label = sparse_peft_label(record)
+    settings = [("PEFT method", f"`{record.get('peft_type')}`" + (" (update masked to the base's non-zeros)" if record.get("masked") else ""))]
+    settings += [(key, f"`{peft_config[key]}`") for key in ("r", "lora_alpha", "alpha", "target_modules") if peft_config.get(key) is not None]
+    if dataset_name:
+        settings.append(("Dataset", f"`{dataset_name}`"))
+    if final_loss is not None:
+        settings.append(("Final training loss", f"{final_loss:.4f}"))
+    settings += [(str(k), f"`{v}`") for k, v in sorted((training_args or {}).items()) if v is not None]
+    if record.get("masked"):
+        plain = (f"`peft.PeftModel.from_pretrained` refuses this folder on purpose (its `peft_type` says how to load it): "
+                 f"PEFT alone would apply the {label.removeprefix('masked ')} update unmasked.")  # fmt: skip
+    else:
+        plain = f"{label} keeps every zero by construction, so `peft.PeftModel.from_pretrained(base, \"{repo_id or PLACEHOLDER_REPO_ID}\")` loads it too."
+    title = f"{label} adapter (sparse PEFT) for {_short(base)}" if base else f"{label} adapter (sparse PEFT)"
+    card_data = _card_data(
+        base_model=base, relation="adapter", library_name="spp-hf", license=base_meta.get("license"),
+        tags=_tags(base_meta.get("method"), base_meta.get("pattern"), extra=["peft", "sparse-peft", sparse_peft_method(record)]),
+        datasets=[dataset_name] if _is_dataset_id(dataset_name) else None, eval_results={}, model_name=None,
+    )  # fmt: skip
+    description = (
+        f"A PEFT {label} adapter for the pruned model {_link(base)}, trained with `spp_hf.get_sparse_peft_model` so "
+        f"that training and merging keep the base's zeros ({len(fingerprint.get('modules', {}))} adapted layers)."
+    )
+    return _render(
+        "sparse_peft_adapter", card_data, title=title, description=description, repo_id=repo_id or PLACEHOLDER_REPO_ID,
+        plain_peft=plain, base_link=_link(base), base_revision=revision or "not recorded",
+        fingerprint=(fingerprint.get("hash") or "not recorded")[:16], sparsity_summary=_summary(report),
+        settings=settings, related=_related(related), versions=[*_versions(), ("peft", importlib.metadata.version("peft"))],
+    )  # fmt: skip
 
 
 def _method_key(method: str) -> tuple[str, str]:

@@ -19,9 +19,17 @@ from transformers import AutoModelForCausalLM
 from ..adapters.config import AdapterConfig
 from ..adapters.kinds import kind_named
 from ..sparsity import model_fingerprint, sparsity_report, zero_mask_differences
-from ..storage import ADAPTER_FILES, CONFIG_NAME, SPARSITY_NAME, read_adapter_files, read_sparsity_json, sparsity_fingerprint
-from .cards import fingerprint_report
-from .transfer import KIND_HINT_FILES, SPPHubError, explain_hub_error, fetch_sparsity_json
+from ..storage import (
+    ADAPTER_FILES,
+    SPARSE_PEFT_FILES,
+    SPARSITY_NAME,
+    PeftAdapterFiles,
+    read_adapter_folder,
+    read_sparsity_json,
+    sparsity_fingerprint,
+)
+from .cards import fingerprint_report, sparse_peft_label
+from .transfer import KIND_HINT_FILES, SPPHubError, describe_folder, explain_hub_error, fetch_sparsity_json, is_adapter_root
 
 
 @dataclass
@@ -74,7 +82,7 @@ class Inspection:
 def inspect_target(target: str, revision: str | None = None, token: str | bool | None = None) -> Inspection:
     """Describe an adapter / pruned base / merged model (local folder or Hub repo) and check its zeros."""
     folder, location = _small_files(target, revision, token)
-    if (folder / CONFIG_NAME).is_file():
+    if is_adapter_root(folder):
         return _inspect_adapter(target, folder, location)
     data = read_sparsity_json(folder / SPARSITY_NAME)  # from the small files: no weights needed yet
     folder = _with_weights(target, folder, revision, token)
@@ -88,7 +96,7 @@ def _small_files(target: str, revision: str | None, token: str | bool | None) ->
     if local.is_dir():
         return local, str(local.resolve())
     try:
-        path = Path(snapshot_download(target, revision=revision, token=token, allow_patterns=[*ADAPTER_FILES, *KIND_HINT_FILES]))
+        path = Path(snapshot_download(target, revision=revision, token=token, allow_patterns=[*ADAPTER_FILES, *SPARSE_PEFT_FILES, *KIND_HINT_FILES]))
     except (HfHubHTTPError, EntryNotFoundError, OfflineModeIsEnabled) as err:
         raise SPPHubError(explain_hub_error(err, target, revision, token, role="repo")) from err
     return path, f"{target} @ {path.name}"
@@ -101,19 +109,28 @@ def _with_weights(target: str, folder: Path, revision: str | None, token: str | 
 
 
 def _inspect_adapter(target: str, folder: Path, location: str) -> Inspection:
-    config = AdapterConfig.from_json_file(folder / CONFIG_NAME)
-    fingerprint = config.mask_fingerprint or {}
+    """An adapter of either format (SPP's files, or a sparse-PEFT adapter's PEFT files and spp-hf's record)."""
+    try:
+        files, problem = read_adapter_folder(folder), None
+    except (OSError, ValueError) as err:
+        files, problem = None, str(err)
+    if files is None:
+        result = Inspection(target, describe_folder(folder), location)
+        result.checks.append(("adapter weights", False, problem))
+        return result
+    if isinstance(files, PeftAdapterFiles):
+        kind = f"sparse-PEFT {sparse_peft_label(files.record)} adapter"
+        config = {**files.config, **{k: v for k, v in files.record.items() if k != "mask_fingerprint"}}
+    else:
+        parsed = AdapterConfig.from_file_data(files.config, folder)
+        kind, config = f"{kind_named(parsed.method).label} adapter", parsed.to_dict()
+    fingerprint = files.mask_fingerprint or {}
     report = fingerprint_report(fingerprint)
     result = Inspection(
-        target, f"{kind_named(config.method).label} adapter", location, config=config.to_dict(), base=config.base_model_name_or_path,
-        base_revision=config.base_model_revision, fingerprint=fingerprint.get("hash"), layers=report["layers"],
-        ratio=report["ratio"] if report["layers"] else None,
+        target, kind, location, config=config, base=files.base[0], base_revision=files.base[1],
+        fingerprint=fingerprint.get("hash"), layers=report["layers"], ratio=report["ratio"] if report["layers"] else None,
     )  # fmt: skip
-    try:
-        _, tensors = read_adapter_files(folder)
-        result.checks.append(("adapter weights", True, f"{len(tensors)} tensors, saved with this config"))
-    except (OSError, ValueError) as err:
-        result.checks.append(("adapter weights", False, str(err)))
+    result.checks.append(("adapter weights", True, f"{len(files.tensors)} tensors, saved with this config"))
     detail = "recorded" if fingerprint else "not recorded: the adapter loads onto any base unchecked"
     result.checks.append(("base mask fingerprint", bool(fingerprint), detail))
     return result

@@ -36,15 +36,17 @@ from ..storage import (
     README_NAME,
     SPARSITY_NAME,
     AdapterFiles,
+    PeftAdapterFiles,
+    is_sparse_peft_folder,
     json_bytes,
-    read_adapter_files,
+    read_adapter_folder,
     read_sparsity_json,
     sparsity_fingerprint,
     write_adapters,
 )
-from .cards import render_adapter_card, render_baseline_merged_card, render_merged_card, render_pruned_base_card
+from .cards import render_baseline_merged_card, render_merged_card, render_pruned_base_card
 from .paths import is_hub_id, without_local_paths
-from .transfer import SPPHubError, push_folder, verified_base
+from .transfer import SPPHubError, adapter_card, push_folder, verified_base
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -94,7 +96,7 @@ def run_artifacts(run_dir: str | os.PathLike) -> RunArtifacts:
 
 
 def _run_variant(layout: RunLayout, name: str) -> RunVariant:
-    adapter = layout.adapter(name) if layout.has_adapter(name) else None
+    adapter = layout.adapter(name) if layout.has_adapter(name) or is_sparse_peft_folder(layout.adapter(name)) else None
     merged = layout.merged(name) if layout.has_merged(name) else None
     entry = RunLayout.entry_of(name)
     return RunVariant(layout.variant(name), entry, _recorded_method(layout, name, merged) or entry, adapter, merged)
@@ -154,7 +156,7 @@ def publish_run(
         commit = push_folder(mirror, repo_id, private=private, token=token, commit_message="Upload pruned base with spp-hf")
         published.append(PublishedRepo("pruned base", found.pruned, repo_id, commit.oid))
         for suffix, adapter in adapters.items():
-            sha = verified_base(repo_id, commit.oid, adapter[0]["mask_fingerprint"], token)
+            sha = verified_base(repo_id, commit.oid, adapter.mask_fingerprint, token)
             mirror = _adapter_mirror(adapter, Path(tmp) / suffix, names, suffix, sha, known, roots)
             pushed = push_folder(mirror, names[suffix], private=private, token=token, commit_message=f"Upload {suffix} adapter")
             published.append(PublishedRepo(f"{suffix} adapter", found.variants[suffix].adapter, names[suffix], pushed.oid))
@@ -166,16 +168,16 @@ def publish_run(
     return published
 
 
-def _checked_adapter(folder: Path, pruned: Path, base_fp: dict) -> tuple[dict, dict]:
-    """An adapter's (config, tensors), refused unless it was trained on the run's pruned base."""
-    config, tensors = read_adapter_files(folder)
-    problems = zero_mask_differences(config.get("mask_fingerprint") or {}, base_fp)
-    if problems or not config.get("mask_fingerprint"):
+def _checked_adapter(folder: Path, pruned: Path, base_fp: dict) -> AdapterFiles | PeftAdapterFiles:
+    """An adapter's files (SPP's or sparse PEFT's), refused unless it was trained on the run's pruned base."""
+    files = read_adapter_folder(folder)
+    problems = zero_mask_differences(files.mask_fingerprint or {}, base_fp)
+    if problems or not files.mask_fingerprint:
         raise ValueError(
             f"The adapter {folder} was not trained on {pruned} ({'; '.join(problems[:3]) or 'no mask fingerprint'}); "
             "nothing was pushed. Publish a run whose adapters were trained on its own pruned base."
         )
-    return config, tensors
+    return files
 
 
 def _repo_names(repo_id: str, found: RunArtifacts, merged: bool) -> dict[str, str]:
@@ -280,13 +282,19 @@ def _base_mirror(folder: Path, mirror: Path, data: dict, dense: str | None, name
 
 
 def _adapter_mirror(
-    adapter: tuple[dict, dict], mirror: Path, names: dict, suffix: str, sha: str, known: dict, roots: set[str]
+    adapter: AdapterFiles | PeftAdapterFiles, mirror: Path, names: dict, suffix: str, sha: str, known: dict, roots: set[str]
 ) -> Path:
-    config, tensors = adapter
-    config = {**_public(config, known), "base_model_name_or_path": names["base"], "base_model_revision": sha}
-    card = render_adapter_card(AdapterConfig.from_dict(config), repo_id=names[suffix], related=_related(names, suffix))
-    write_adapters(mirror, {"": AdapterFiles(config, tensors, card)})
+    public = _public_files(adapter, known).rekeyed(names["base"], sha)
+    public.card = adapter_card(public, names[suffix], related=_related(names, suffix))
+    write_adapters(mirror, {"": public})
     return _mirror(mirror, mirror.parent / f"{suffix}-checked", {}, roots)
+
+
+def _public_files(files: AdapterFiles | PeftAdapterFiles, known: dict) -> AdapterFiles | PeftAdapterFiles:
+    """An adapter's files with its config (and a sparse-PEFT adapter's record) fit for the Hub (`_public`)."""
+    if isinstance(files, PeftAdapterFiles):
+        return PeftAdapterFiles(_public(files.config, known), _public(files.record, known), files.tensors)
+    return AdapterFiles(_public(files.config, known), files.tensors)
 
 
 def _merged_mirror(
@@ -294,8 +302,8 @@ def _merged_mirror(
 ) -> Path:
     own = f"{suffix}-merged"
     record = {**_public(record, known), "base_model": names["base"], "base_model_revision": base_sha}
-    if variant.adapter is not None and suffix in names:
-        adapter_config = _public(read_adapter_files(variant.adapter)[0], known)
+    if variant.adapter is not None and suffix in names and not is_sparse_peft_folder(variant.adapter):
+        adapter_config = _public(read_adapter_folder(variant.adapter).config, known)
         config = AdapterConfig.from_dict({**adapter_config, "base_model_name_or_path": names["base"], "base_model_revision": base_sha})
         record.update(adapter=names[suffix], spp_config=config.to_dict())
         card = render_merged_card(config, record, repo_id=names[own], adapter=names[suffix], related=_related(names, own))

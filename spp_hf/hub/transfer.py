@@ -39,17 +39,21 @@ from ..storage import (
     ADAPTER_FILES,
     AdapterFiles,
     CONFIG_NAME,
+    PeftAdapterFiles,
     README_NAME,
+    SPARSE_PEFT_FILES,
+    SPARSE_PEFT_NAME,
     SPARSITY_NAME,
     WEIGHTS_NAME,
     atomic_write_bytes,
+    is_sparse_peft_folder,
     json_bytes,
-    read_adapter_files,
+    read_adapter_folder,
     read_sparsity_json,
     sparsity_fingerprint,
     write_adapters,
 )
-from .cards import PLACEHOLDER_REPO_ID, fill_repo_id, render_adapter_card
+from .cards import PLACEHOLDER_REPO_ID, fill_repo_id, render_adapter_card, render_sparse_peft_card, sparse_peft_label
 from .paths import is_hub_id, strip_local_paths, without_local_paths
 
 # Small files that tell what else a repo holds when it is not an SPP adapter.
@@ -171,22 +175,26 @@ def push_adapter_folder(
     *,
     create_pr: bool = False,
 ) -> Any:
-    """Upload a saved adapter (and its named sub-adapters) keyed to a base others can download.
+    """Upload a saved adapter (SPP, masked LoRA or sparse PEFT, and its named sub-adapters) keyed to a base others
+    can download.
 
     `base` ("ORG/NAME" or "ORG/NAME@REV") re-keys the adapter to that repo at the commit the revision
     names now. Without it, the base the adapter records is used; a local path there is refused, since
     nobody else could load it. Either way the base's mask fingerprint on the Hub is checked first and
-    the pushed `spp_config.json` pins its commit. The local folder is not changed.
+    the pushed config (`spp_config.json`, or a sparse-PEFT adapter's record and `adapter_config.json`) pins its
+    commit. The local folder is not changed.
     """
     folder = Path(folder)
-    names = ([""] if (folder / CONFIG_NAME).is_file() else []) + _named_adapters(folder)
+    names = ([""] if is_adapter_root(folder) else []) + _named_adapters(folder)
     if not names:
-        raise FileNotFoundError(f"{folder} holds no {CONFIG_NAME}: save the adapter there first (model.save_pretrained).")
+        raise FileNotFoundError(
+            f"{folder} holds no {CONFIG_NAME} or {SPARSE_PEFT_NAME}: save the adapter there first (model.save_pretrained)."
+        )
     base_name, base_rev = split_revision(base) if base else (None, None)
     adapters = {}
     for name in names:
-        config, tensors = read_adapter_files(folder / name if name else folder)
-        recorded = config.get("base_model_name_or_path")
+        files = read_adapter_folder(folder / name if name else folder)
+        recorded, recorded_rev = files.base
         target = base_name or recorded
         if not is_hub_id(target):
             raise SPPHubError(
@@ -195,36 +203,50 @@ def push_adapter_folder(
                 "pass it: `spp-hf push ADAPTER REPO --base ORG/NAME[@REVISION]` (push_adapter_folder(..., base=...)), "
                 "or publish the whole run with `spp-hf publish RUN_DIR ORG/NAME`."
             )
-        rev = base_rev if base_name else config.get("base_model_revision")
-        trained_on = (target, rev) == (recorded, config.get("base_model_revision"))
-        sha = verified_base(target, rev, config.get("mask_fingerprint"), token, trained_on=trained_on)
-        card = (folder / name / README_NAME) if name else folder / README_NAME
-        adapters[name] = _rekeyed(config, tensors, target, sha, repo_id if not name else None, card)
+        rev = base_rev if base_name else recorded_rev
+        trained_on = (target, rev) == (recorded, recorded_rev)
+        sha = verified_base(target, rev, files.mask_fingerprint, token, trained_on=trained_on)
+        adapters[name] = rekeyed(files, target, sha, repo_id if not name else None)
     with tempfile.TemporaryDirectory(prefix="spp-adapter-push-") as tmp:
         staged = write_adapters(Path(tmp) / "adapter", adapters)
         message = commit_message or f"Upload {describe_folder(staged)}"
         return push_folder(staged, repo_id, private, revision, message, token, create_pr=create_pr)
 
 
+def is_adapter_root(folder: Path) -> bool:
+    """Whether `folder` itself holds an adapter spp-hf saved (SPP's config, or a sparse-PEFT adapter's record)."""
+    return (folder / CONFIG_NAME).is_file() or is_sparse_peft_folder(folder)
+
+
 def _named_adapters(folder: Path) -> list[str]:
-    """Sub-folders holding a named adapter saved with the model (not a Trainer's checkpoint-N beside it):
-    their weights record the adapter's name, which is the folder's name."""
+    """Sub-folders holding a named adapter saved with the model (not a Trainer's checkpoint-N beside it): an SPP
+    adapter's weights record its name, which is the folder's name; a sparse-PEFT adapter's folder is a sibling of
+    the "default" one at the root, as PEFT lays them out."""
     names = []
     for path in sorted(folder.glob(f"*/{WEIGHTS_NAME}")):
         with safe_open(str(path), framework="pt") as handle:
             if (handle.metadata() or {}).get("spp_adapter") == path.parent.name and (path.parent / CONFIG_NAME).is_file():
                 names.append(path.parent.name)
+    if is_sparse_peft_folder(folder):
+        names += [p.parent.name for p in sorted(folder.glob(f"*/{SPARSE_PEFT_NAME}")) if not p.parent.name.startswith(".")]
     return names
 
 
-def _rekeyed(config: dict, tensors: dict, base: str, sha: str, repo_id: str | None, card: Path) -> Any:
-    """An adapter's files with its config pointing at `base`@`sha`. Its own card is kept when the adapter
-    already named exactly that base and commit (a Trainer's card with the training details); otherwise a card
-    is rendered for the new base."""
-    if (config.get("base_model_name_or_path"), config.get("base_model_revision")) == (base, sha) and card.is_file():
-        return AdapterFiles(config, tensors, card.read_text())
-    config = {**config, "base_model_name_or_path": base, "base_model_revision": sha}
-    return AdapterFiles(config, tensors, render_adapter_card(AdapterConfig.from_dict(config), repo_id=repo_id))
+def rekeyed(files: AdapterFiles | PeftAdapterFiles, base: str, sha: str, repo_id: str | None) -> AdapterFiles | PeftAdapterFiles:
+    """An adapter's files pointing at `base`@`sha`. Its own card is kept when the adapter already named exactly
+    that base and commit (a Trainer's card with the training details); otherwise a card is rendered for the new base."""
+    if files.base == (base, sha) and files.card is not None:
+        return files
+    moved = files.rekeyed(base, sha)
+    moved.card = adapter_card(moved, repo_id)
+    return moved
+
+
+def adapter_card(files: AdapterFiles | PeftAdapterFiles, repo_id: str | None, **kwargs: Any) -> str:
+    """The card of an adapter's files, of its format (`render_adapter_card` / `render_sparse_peft_card`)."""
+    if isinstance(files, PeftAdapterFiles):
+        return render_sparse_peft_card(files.record, files.config, repo_id=repo_id, **kwargs)
+    return render_adapter_card(AdapterConfig.from_dict(files.config), repo_id=repo_id, **kwargs)
 
 
 def push_adapter(
@@ -299,15 +321,22 @@ def _cached_commits(name: str) -> set[str]:
 
 
 def is_adapter_folder(folder: str | os.PathLike) -> bool:
-    """Whether a folder holds an adapter saved by spp-hf (any kind: SPP, masked LoRA), itself or as named sub-folders."""
+    """Whether a folder holds an adapter saved by spp-hf (any kind: SPP, masked LoRA, sparse PEFT), itself or as
+    named sub-folders."""
     folder = Path(folder)
-    return (folder / CONFIG_NAME).is_file() or bool(_named_adapters(folder))
+    return is_adapter_root(folder) or bool(_named_adapters(folder))
 
 
 def describe_folder(folder: str | os.PathLike) -> str:
-    """What a folder holds, from its files: "<kind label> adapter" (e.g. "SPP adapter", "Masked-LoRA adapter"),
-    "SPP-merged model", "merged model", "pruned base" or "model"."""
+    """What a folder holds, from its files: "<kind label> adapter" (e.g. "SPP adapter", "Masked-LoRA adapter",
+    "sparse-PEFT masked LoRA adapter"), "SPP-merged model", "merged model", "pruned base" or "model"."""
     folder = Path(folder)
+    if is_sparse_peft_folder(folder):
+        try:
+            record = json.loads((folder / SPARSE_PEFT_NAME).read_bytes())
+        except ValueError:
+            record = None
+        return f"sparse-PEFT {sparse_peft_label(record)} adapter" if isinstance(record, dict) else "sparse-PEFT adapter"
     if (folder / CONFIG_NAME).is_file():
         try:
             method = json.loads((folder / CONFIG_NAME).read_bytes()).get("method", "spp")
@@ -382,25 +411,39 @@ def download_adapter(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
 ) -> Path:
-    """Local snapshot (in the HF cache) of an SPP adapter repo: only the adapter files are downloaded.
+    """Local snapshot (in the HF cache) of an spp-hf adapter repo (SPP, masked LoRA or sparse PEFT): only the
+    adapter files are downloaded.
 
     Honours HF_HUB_OFFLINE and the cache. Raises `SPPHubError` naming the fix when the repo is
     missing or private, the revision does not exist, the cache lacks it offline, or the repo holds
-    something other than an SPP adapter (a PEFT/LoRA adapter, a full or pruned model).
+    something other than an spp-hf adapter (a plain PEFT/LoRA adapter, a full or pruned model).
     """
+    folder = fetch_adapter_files(repo_id, revision, token, cache_dir=cache_dir, local_files_only=local_files_only)
+    if not is_adapter_root(folder):
+        raise SPPHubError(_not_an_adapter_message(folder, repo_id, revision))
+    return folder
+
+
+def fetch_adapter_files(
+    repo_id: str,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """Local snapshot of the small files of a repo that may hold an adapter (spp-hf's and PEFT's adapter files and
+    the files that tell what else it holds), whatever it holds; `download_adapter` checks it is an adapter."""
     _check_repo_id(repo_id, "SPP adapter")
     try:
-        folder = Path(
+        return Path(
             snapshot_download(
                 repo_id, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
-                allow_patterns=[*ADAPTER_FILES, *KIND_HINT_FILES],
+                allow_patterns=[*ADAPTER_FILES, *SPARSE_PEFT_FILES, *KIND_HINT_FILES],
             )  # fmt: skip
         )
     except (HfHubHTTPError, EntryNotFoundError, OfflineModeIsEnabled) as err:
         raise SPPHubError(explain_hub_error(err, repo_id, revision, token, role="adapter")) from err
-    if not (folder / CONFIG_NAME).is_file():
-        raise SPPHubError(_not_an_adapter_message(folder, repo_id, revision))
-    return folder
 
 
 def resolve_adapter(path_or_repo: str | os.PathLike, **hub_kwargs: Any) -> Path:

@@ -14,7 +14,7 @@ from huggingface_hub import file_exists
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..adapters.config import AdapterConfig
-from ..adapters.loading import SPPModel
+from ..adapters.pretrained import load_pretrained
 from ..hub.transfer import resolve_adapter
 from ..storage import CONFIG_NAME, atomic_write_text
 from .evaluation import EvalPlan, evaluation_record, hub_available, resolve_tasks
@@ -45,7 +45,7 @@ def load_for_eval(
     if is_spp_adapter(name_or_path, revision):
         directory = resolve_adapter(name_or_path, revision=revision)
         config = AdapterConfig.from_json_file(directory / CONFIG_NAME)
-        model = SPPModel.from_pretrained(directory, merge=True, torch_dtype=dtype)
+        model = load_pretrained(directory, merge=True, torch_dtype=dtype)  # SPPModel.from_pretrained
         if (directory / "tokenizer_config.json").is_file():
             tokenizer = AutoTokenizer.from_pretrained(directory)
         else:  # adapters carry no tokenizer: use the base's

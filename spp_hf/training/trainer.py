@@ -12,6 +12,12 @@ and mixed precision all apply unchanged. What differs from PEFT training:
 - every save first checks that the base's zero masks still match the fingerprint taken at the
   start (the sparsity guard), so a run that damaged the pruned base stops instead of saving.
 
+It also trains the PeftModel `spp_hf.get_sparse_peft_model` returns (PEFT's adapters with the base's zeros kept):
+checkpoints and the final save are then PEFT's files with spp-hf's record (`adapters.sparse_peft_files`), written
+by the same code as the model's ``save_pretrained``, and resuming goes through the Trainer's own PEFT path
+(``model.load_adapter(checkpoint, name, is_trainable=True)``, which reads that record); the sparsity guard covers
+the layers it adapts. Other PEFT models are refused (their update would densify the base).
+
 Sharded training: under FSDP2 parameters are DTensors and under DeepSpeed ZeRO-3 they are
 partitioned; the helpers of `spp_hf.adapters.sharded_state` (`iter_full_base_weights`, `gather_spp_state`,
 `load_spp_state`) read and write them in full, so the guard, saving and resuming work there too. (The SPP layer's own forward
@@ -45,6 +51,13 @@ from ..adapters.sharded_state import (
     load_spp_state,
     spp_mask_fingerprint,
 )
+from ..adapters.sparse_peft_files import (
+    is_sparse_peft_model,
+    save_sparse_peft,
+    sparse_peft_files,
+    sparse_peft_fingerprint,
+    sparse_peft_parameters,
+)
 from ..adapters.spp import SPPConfig
 from ..adapters.state import file_tensors
 from ..hub.cards import render_adapter_card
@@ -52,7 +65,13 @@ from ..hub.paths import is_hub_id
 from ..hub.transfer import SPPHubError, push_adapter_folder
 from ..layer_weights import dense_weight
 from ..sparsity import fingerprint_modules, zero_mask_differences
-from ..storage import README_NAME, WEIGHTS_NAME, atomic_write_text, read_adapter_files, write_adapter_files_in_place
+from ..storage import (
+    WEIGHTS_NAME,
+    atomic_write_text,
+    read_adapter_folder,
+    write_adapter_files_in_place,
+    write_adapters,
+)
 from .distillation import DistillationMixin
 
 logger = logging.getLogger(__name__)
@@ -107,7 +126,7 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
 
     Args:
         model: a pruned base (path, Hub repo id or `PreTrainedModel`), or a model that already has
-            SPP layers (then ``spp_config`` must be None).
+            SPP layers, or the PeftModel `get_sparse_peft_model` returned (then ``spp_config`` must be None).
         args: `SFTConfig` (or `SPPSFTConfig`, whose bf16 default suits CPU-only machines). With
             ``push_to_hub`` the base must be a Hub repo id (or ``spp_config`` must name one): the pushed
             adapter names its base, so a local one is refused here, before any training.
@@ -146,11 +165,14 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
                 "whose update keeps the base's zeros) instead, or use "
                 "trl.SFTTrainer for PEFT methods."
             )
-        if _is_peft_model(model):
+        if _is_peft_model(model) and not is_sparse_peft_model(model):
             raise ValueError(
                 "SPPSFTTrainer got a PEFT model. Pass the pruned base itself (merge_and_unload() any PEFT adapter "
-                "and save it first); SPP layers are attached by the trainer."
+                "and save it first); SPP layers are attached by the trainer. For PEFT's own methods with the base's "
+                "zeros kept, pass spp_hf.get_sparse_peft_model(base, peft_config)."
             )
+        if is_sparse_peft_model(model) and spp_config is not None:
+            raise ValueError("The model already has sparse PEFT adapters; pass spp_config=None to train them.")
         args = _as_sft_config(args, model)
         _check_push_base(args, model, spp_config)
         from transformers import set_seed
@@ -160,8 +182,10 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
             model = self._load_base(str(model), args, quantization_config)
         elif quantization_config is not None:
             logger.warning("quantization_config is ignored: the model is already instantiated.")
-        model = self._attach_spp(model, spp_config)
-        start_fingerprint = spp_mask_fingerprint(model)  # the reference of the sparsity guard
+        self.sparse_peft = is_sparse_peft_model(model)
+        if not self.sparse_peft:
+            model = self._attach_spp(model, spp_config)
+        start_fingerprint = self._base_fingerprint(model)  # the reference of the sparsity guard
         if getattr(model, "is_quantized", False):
             _record_full_precision_fingerprint(model)
         self.dataset_name = dataset_name
@@ -239,7 +263,10 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
                     param.data = param.data.to(dtype)
 
     def _check_trainable(self) -> None:
-        adapters = {id(p) for _, layer in adapter_layers(self.model) for p in layer.adapter_parameters().values()}
+        if self.sparse_peft:
+            adapters = {id(p) for p in sparse_peft_parameters(self.model)}
+        else:
+            adapters = {id(p) for _, layer in adapter_layers(self.model) for p in layer.adapter_parameters().values()}
         others = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in adapters]
         if others:
             raise ValueError(
@@ -254,6 +281,10 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
         return self.accelerator.unwrap_model(self.model)
 
     # ------------------------------------------------------------------ sparsity guard
+    def _base_fingerprint(self, model: nn.Module) -> dict:
+        """Mask fingerprint of the base weights the adapters act on (gathered in full under sharding)."""
+        return sparse_peft_fingerprint(model) if self.sparse_peft else spp_mask_fingerprint(model)
+
     def check_sparsity(self) -> None:
         """Compare the base's zero masks with the fingerprint taken at the start; raise on any change.
 
@@ -263,7 +294,7 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
         if not expected:
             return
         with _fsdp1_full_params(self):
-            found = spp_mask_fingerprint(self.spp_model)
+            found = self._base_fingerprint(self.spp_model)
         problems = zero_mask_differences(expected, found)
         if problems:
             raise SparsityGuardError(
@@ -291,6 +322,10 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
         """
         output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
         model = self.spp_model
+        if self.sparse_peft:  # PEFT's layout (every adapter), spp-hf's record: what model.save_pretrained writes
+            if self.args.should_save:
+                save_sparse_peft(model, output_dir, state_dict=state_dict, in_place=True, **self._card_details())
+            return
         with _fsdp1_full_params(self):
             state = gather_spp_state(model)  # collective under sharding: all ranks
         if not self.args.should_save:
@@ -300,8 +335,14 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
             metadata={"spp_adapter": model.active_spp_adapter},
         )  # fmt: skip
 
+    def _card_details(self, **extra: Any) -> dict[str, Any]:
+        return dict(dataset_name=extra.get("dataset_name") or self.dataset_name, final_loss=self.final_loss(),
+                    training_args=self.training_summary())  # fmt: skip
+
     def _card(self, **extra: Any) -> str:
         model = self.spp_model
+        if self.sparse_peft:
+            return sparse_peft_files(model, model.active_adapter, **self._card_details(**extra)).card
         return render_adapter_card(
             model.active_spp_config,
             None if _is_sharded(model) or _is_fsdp1(self) else model,  # sharded: sparsity from the fingerprint
@@ -352,7 +393,10 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
 
     # ------------------------------------------------------------------ loading
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """Load α/β from ``spp_adapter.safetensors`` in a checkpoint (the base is not in it)."""
+        """Load α/β from ``spp_adapter.safetensors`` in a checkpoint (the base is not in it); a sparse PEFT model
+        through the Trainer's PEFT path (its ``load_adapter`` reads spp-hf's record)."""
+        if self.sparse_peft:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         directory = _checkpoint_adapter_dir(Path(resume_from_checkpoint), self.spp_model.active_spp_adapter)
         config, state = _read_checkpoint(directory)
         check_same_method(self.spp_model.active_spp_config, config, self.spp_model.active_spp_adapter, directory)
@@ -369,6 +413,8 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
             load_spp_state(target, state)
 
     def _load_best_model(self) -> None:
+        if self.sparse_peft:
+            return super()._load_best_model()
         best = self.state.best_model_checkpoint
         logger.info(f"Loading best SPP adapter from {best} (score: {self.state.best_metric}).")
         self._load_from_checkpoint(best, self.model_wrapped if self.is_fsdp_enabled else None)
@@ -435,12 +481,9 @@ class SPPSFTTrainer(DistillationMixin, SFTTrainer):
             return
         if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
             return
-        config, tensors = read_adapter_files(checkpoint_folder)
-        card = Path(checkpoint_folder) / README_NAME
-        write_adapter_files_in_place(
-            self.args.output_dir, config, tensors, card.read_text() if card.is_file() else None,
-            metadata={"spp_adapter": self.spp_model.active_spp_adapter},
-        )  # fmt: skip
+        files = read_adapter_folder(checkpoint_folder)
+        metadata = None if self.sparse_peft else {"spp_adapter": self.spp_model.active_spp_adapter}
+        write_adapters(self.args.output_dir, {"": files}, metadata, in_place=True)
         message = f"Training in progress, step {self.state.global_step}"
         self._upload(self.args.output_dir, self.hub_model_id, message, self.args.hub_token, self.args.hub_revision, None)
 
@@ -460,6 +503,8 @@ def _check_push_base(args: SFTConfig, model: Any, spp_config: AdapterConfig | No
         return
     if isinstance(model, SPPModelMixin):
         bases = [config.base_model_name_or_path for config in model.spp_config.values()]
+    elif is_sparse_peft_model(model):
+        bases = [model.base_model.spp_sparse_peft.get("base_model_name_or_path")]
     else:
         named = spp_config.base_model_name_or_path if spp_config is not None else None
         loaded = str(model) if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", None)
