@@ -12,7 +12,7 @@ from conftest import TINY, make_tiny_model, prune_magnitude_nm_, zero_masks
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from spp_hf import SPPConfig
+from spp_hf import SPPConfig, SPPModel
 from spp_hf.cli import main as cli_main
 from spp_hf.data.corpora import C4_SAMPLE_FILE, WIKI_TRAIN_FILE, WIKI_VALIDATION_FILE, documents, read_jsonl
 from spp_hf.data.training_data import load_sft_data
@@ -202,6 +202,12 @@ def test_peft_methods_hira_ia3_and_masked_lokr_keep_the_zeros(tiny_dense, tmp_pa
     assert "HiRA" in report and "IA³" in report and "masked LoKr" in report
     card = (tmp_path / "peft" / "hira_s0" / "merged" / "README.md").read_text()
     assert "HiRA" in card and "LoRA*" not in card
+    # each run keeps its adapter, keyed to the pruned base: loaded and merged it gives the saved merged model
+    for variant in ("hira_s0", "masked_lokr_s0"):
+        folder = tmp_path / "peft" / variant
+        reloaded = SPPModel.from_pretrained(folder / "adapter").state_dict()
+        saved = AutoModelForCausalLM.from_pretrained(folder / "merged").state_dict()
+        assert reloaded.keys() == saved.keys() and all(torch.equal(reloaded[k], saved[k]) for k in saved), variant
 
 
 @pytest.mark.slow

@@ -115,7 +115,10 @@ def sparse_peft_method(name: str, make_config: Callable[[PipelineConfig], PeftCo
         model, tokenizer = load_plain(pruned)
         model = get_sparse_peft_model(model, make_config(cfg))
         trainer = DistillSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, **trainer_kwargs)
-        return Prepared(trainer, _trainable(trainer.model), lambda: trainer.model.merge_and_unload(), baseline_card(name, pruned))
+        return Prepared(
+            trainer, _trainable(trainer.model), lambda: trainer.model.merge_and_unload(), baseline_card(name, pruned),
+            save_adapter=lambda folder: trainer.model.save_pretrained(folder),  # PEFT's files + the base's record
+        )  # fmt: skip
 
     return prepare
 

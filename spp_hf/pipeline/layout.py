@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..storage import CONFIG_NAME, SPARSITY_NAME
+from ..storage import CONFIG_NAME, SPARSITY_NAME, is_sparse_peft_folder
 
 _VARIANT_NAME = re.compile(r"^(?P<entry>.+)_s(?P<seed>\d+)$")
 
@@ -80,7 +80,7 @@ class RunLayout:
         return self.variant(variant) / "merged"
 
     def has_adapter(self, variant: str) -> bool:
-        return (self.adapter(variant) / CONFIG_NAME).is_file()
+        return (self.adapter(variant) / CONFIG_NAME).is_file() or is_sparse_peft_folder(self.adapter(variant))
 
     def has_merged(self, variant: str) -> bool:
         """Whether the variant's merged model was saved (its config.json is written with the folder)."""
