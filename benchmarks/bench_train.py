@@ -16,6 +16,11 @@ steps are not timed. Ratios are against LoRA (targets: SPP ≤ 1.3× LoRA time, 
     python benchmarks/bench_train.py                      # 2 warm-up + 5 timed steps of 4 × 256 tokens, dropout 0 and 0.05
     python benchmarks/bench_train.py --steps 2 --warmup 1 --seq 64 --methods spp-fused lora   # smoke run
     python benchmarks/bench_train.py --methods spp-fused lora --dropout 0 --malloc glibc keep  # spp_hf.training.cpu_allocator
+    python benchmarks/bench_train.py --methods spp-fused spp-fused-kd spp-fused-kd-feat --dropout 0   # distillation's cost
+
+`spp-fused-kd` distils from the dense SmolLM2 (logit KL only, `distill_weight=1.0`), `spp-fused-kd-feat` adds
+SquareHead's feature loss (`feature_weight=1.0`); their "time / no distillation" column is against `spp-fused`
+(target: at most 1.35x).
 
 `--malloc keep` (the default, what the `spp-hf` CLI does) calls `spp_hf.training.cpu_allocator.keep_freed_memory()`
 in the worker; `glibc` leaves glibc's defaults. With both, the table adds each method's time and peak
@@ -35,7 +40,8 @@ import threading
 import time
 from pathlib import Path
 
-METHODS = ("spp-naive", "spp-blocked", "spp-fused", "lora", "full-masked")
+METHODS = ("spp-naive", "spp-blocked", "spp-fused", "lora", "full-masked", "spp-fused-kd", "spp-fused-kd-feat")
+DISTILLED = {"spp-fused-kd": (1.0, 0.0), "spp-fused-kd-feat": (1.0, 1.0)}  # (distill_weight, feature_weight)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,6 +139,14 @@ def run_worker(method: str, steps: int, warmup: int, batch: int, seq: int, dropo
     common = dict(args=args, train_dataset=data, processing_class=tokenizer, callbacks=[timer])
     if method.startswith("spp-"):
         spp = SPPConfig(r=16, scale=2.0, dropout=dropout, target_modules=TARGETS, impl=method.split("-")[1])
+        if method in DISTILLED:
+            from transformers import AutoModelForCausalLM
+
+            from spp_hf.data.default_model import smollm2_path
+
+            weight, feature = DISTILLED[method]
+            teacher = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
+            common.update(teacher_model=teacher, distill_weight=weight, feature_weight=feature)
         trainer = SPPSFTTrainer(model, spp_config=spp, **common)
     elif method == "lora":
         from peft import LoraConfig
@@ -204,19 +218,22 @@ def main() -> None:
 
 def table(results: list[dict], args: argparse.Namespace, dropout: float) -> str:
     lora = next((r for r in results if r["method"] == "lora" and r["malloc"] == args.malloc[0]), None)
+    plain = next((r for r in results if r["method"] == "spp-fused" and r["malloc"] == args.malloc[0]), None)
     glibc = {r["method"]: r for r in results if r["malloc"] == "glibc"}
     lines = [
         f"SFT on SmolLM2-135M (2:4 magnitude-pruned), batch {args.batch} x {args.seq} tokens, dropout {dropout}, fp32, "
         f"{results[0]['threads']} threads; median of {args.steps} steps after {args.warmup} warm-up; one process per method",
         "",
         "| method | malloc | trainable params | s/step | peak RSS (MB) | RSS before training (MB) | time / LoRA | "
-        "peak mem / LoRA | time / glibc | peak mem / glibc |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "peak mem / LoRA | time / glibc | peak mem / glibc | time / no distillation |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         ratios = []
         for ref in (lora if r["malloc"] == args.malloc[0] else None, glibc.get(r["method"])):
             ratios += [f"{r['step_s'] / ref['step_s']:.2f}x", f"{r['rss_peak_mb'] / ref['rss_peak_mb']:.2f}x"] if ref else ["-", "-"]
+        distilled = r["method"] in DISTILLED and plain is not None and r["malloc"] == args.malloc[0]
+        ratios.append(f"{r['step_s'] / plain['step_s']:.2f}x" if distilled else "-")
         lines.append(
             f"| {r['method']} | {r['malloc']} | {r['trainable']:,} | {r['step_s']:.2f} | {r['rss_peak_mb']:.0f} | "
             f"{r['rss_before_mb']:.0f} | " + " | ".join(ratios) + " |"

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_tiny_model
 from datasets import Dataset
 from fixtures_trainer import alpaca_records, char_tokenizer, single_thread, spp_tensors, tiny_pruned_base  # noqa: F401
 
 from spp_hf import SPPConfig, SPPSFTTrainer
+from spp_hf.training import distillation
 from spp_hf.training.distillation import DistillSFTTrainer, distillation_loss, feature_distillation_loss
 from spp_hf.training.trainer import SPPSFTConfig
 
@@ -47,6 +49,39 @@ def test_kl_term_matches_the_definition_per_labelled_token():
     got = distillation_loss(student, teacher, labels, weight=1.0, temperature=T)
     assert abs(float(got) - expected / count) < 1e-5
     assert float(distillation_loss(teacher, teacher, labels)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 2**22])
+def test_gradient_is_autograd_through_the_definition(monkeypatch, chunk):
+    """The chunked KL's own gradient equals autograd through F.kl_div on the labelled rows (float64), for chunks
+    of one row, of a few rows and of all rows; unlabelled rows get none."""
+    monkeypatch.setattr(distillation, "KL_CHUNK_ELEMENTS", chunk * 11)
+    student, teacher, labels = _batch()
+    student, teacher = student.double(), teacher.double()
+    T, w = 2.0, 0.7
+
+    def reference(s: torch.Tensor) -> torch.Tensor:
+        mask = labels[:, 1:] != -100
+        rows_s, rows_t = s[:, :-1][mask], teacher[:, :-1][mask]
+        ce = F.cross_entropy(rows_s, labels[:, 1:][mask], reduction="sum")
+        kl = F.kl_div(F.log_softmax(rows_s / T, -1), F.log_softmax(rows_t / T, -1), log_target=True, reduction="sum")
+        return ((1 - w) * ce + w * T * T * kl) / 40
+
+    expected_s = student.clone().requires_grad_(True)
+    reference(expected_s).backward()
+    got_s = student.clone().requires_grad_(True)
+    loss = distillation_loss(got_s, teacher, labels, weight=w, temperature=T, num_items=40)
+    loss.backward()
+    torch.testing.assert_close(loss, reference(student), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(got_s.grad, expected_s.grad, rtol=1e-6, atol=1e-9)
+    assert got_s.grad[:, -1].abs().sum() == 0 and got_s.grad[0, :2].abs().sum() == 0  # no label after them
+
+
+def test_bf16_logits_get_a_bf16_gradient():
+    student, teacher, labels = _batch()
+    student = student.bfloat16().requires_grad_(True)
+    distillation_loss(student, teacher.bfloat16(), labels).backward()
+    assert student.grad.dtype == torch.bfloat16 and torch.isfinite(student.grad.float()).all()
 
 
 def test_mixed_weight_and_num_items():

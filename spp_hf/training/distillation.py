@@ -42,21 +42,62 @@ def distillation_loss(
         )
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    student = student_logits[:, :-1][mask].float()
-    total = student.new_zeros(())
+    work = torch.promote_types(student_logits.dtype, torch.float32)  # at least float32
+    total = student_logits.new_zeros((), dtype=work)
     if weight < 1.0:
+        student = student_logits[:, :-1][mask].to(work)
         total = total + (1.0 - weight) * F.cross_entropy(student, targets[mask], reduction="sum")
     if weight > 0.0:
-        teacher = teacher_logits[:, :-1][mask].float()
-        kl = F.kl_div(
-            F.log_softmax(student / temperature, dim=-1),
-            F.log_softmax(teacher / temperature, dim=-1),
-            log_target=True,
-            reduction="sum",
-        )
-        total = total + weight * temperature**2 * kl
+        rows = _labelled_rows(mask, student_logits.shape[1])
+        total = total + weight * _ChunkedKL.apply(student_logits, teacher_logits.detach(), rows, float(temperature))
     count = mask.sum() if num_items is None else num_items
     return total / torch.as_tensor(count, device=total.device).clamp(min=1)
+
+
+# Rows of logits one chunk of the KL handles: about 16 MiB of float32 at a 50k vocabulary, so a chunk's
+# temporaries stay in cache instead of streaming several logits-sized tensors through memory.
+KL_CHUNK_ELEMENTS = 2**22
+
+
+def _labelled_rows(mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Indices into logits viewed as (batch·seq, vocab) of the positions whose next token is labelled."""
+    batch, positions = mask.nonzero(as_tuple=True)
+    return batch * seq_len + positions
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Σ over `rows` of T²·KL(softmax(teacher/T) ‖ softmax(student/T)), and its gradient, in one pass.
+
+    The same value as ``T² · F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, reduction="sum")``
+    over the selected rows, whose autograd keeps log-softmax outputs of the whole logits and makes several more
+    passes over them in backward. Here each chunk of rows is read once, in at least float32, and its gradient
+    T·(softmax(s/T) − softmax(t/T)) written straight into a logits-sized buffer (zero on unselected rows): the
+    only tensor kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
+        vocab = student.shape[-1]
+        flat_s, flat_t = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
+        grad = torch.zeros_like(flat_s)
+        work = torch.promote_types(student.dtype, torch.float32)
+        total = torch.zeros((), dtype=work, device=student.device)
+        step = max(1, KL_CHUNK_ELEMENTS // vocab)
+        for start in range(0, rows.numel(), step):
+            chunk = rows[start : start + step]
+            log_q = torch.log_softmax(flat_s.index_select(0, chunk).to(work) / temperature, dim=-1)
+            log_p = torch.log_softmax(flat_t.index_select(0, chunk).to(work) / temperature, dim=-1)
+            p = log_p.exp()
+            total += (p * (log_p - log_q)).sum()
+            grad.index_copy_(0, chunk, log_q.exp_().sub_(p).mul_(temperature).to(grad.dtype))
+        ctx.save_for_backward(grad)
+        ctx.shape = student.shape
+        return total * temperature**2
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_output).view(ctx.shape), None, None, None
 
 
 def feature_distillation_loss(
