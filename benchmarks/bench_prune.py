@@ -90,7 +90,7 @@ def worker(args: argparse.Namespace) -> dict:
         with PeakRSS() as rss:
             start = time.perf_counter()
             with torch.no_grad():  # the same number of samples per call as prune() uses
-                for batch in calib.input_ids.split(batch_size_for(args.seqlen)):
+                for batch in calib.input_ids.split(batch_size_for(args.seqlen, block=model.model.layers[0])):
                     model.model(batch)
             result["seconds"] = time.perf_counter() - start
     else:

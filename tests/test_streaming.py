@@ -24,7 +24,9 @@ from spp_hf.adapters.merging import merge_to_folder
 from spp_hf.cli import main
 from spp_hf.hub.transfer import push_folder
 from spp_hf.pruning import prune, save_pruned
-from spp_hf.pruning import streaming
+from spp_hf.pruning import sequential, sparsegpt, streaming
+from spp_hf.pruning.sequential import batch_size_for
+from spp_hf.pruning.sparsegpt import Hessian
 from spp_hf.pruning.streaming import StreamedCheckpoint, layer_part, parse_size, prune_to_folder
 from spp_hf.storage import PartialModelFolder
 
@@ -147,6 +149,105 @@ def test_at_most_one_decoder_layer_in_memory(tmp_path, monkeypatch, no_whole_mod
     assert counter.most == 1 and counter.reads >= 8  # each layer read to prune it, then read back for sparsity.json
 
 
+# --------------------------------------------------------------------------- what is in memory when
+def test_embeddings_are_released_before_any_decoder_layer_runs(tmp_path, monkeypatch):
+    """The capture is the only forward pass with the embeddings (and the tied head) in memory: every decoder-layer
+    call (the batching check, the statistics, advancing to the next layer) runs after they were released, on one
+    buffer of activations that each layer's outputs overwrite."""
+    checkpoint = save_checkpoint(tmp_path / "ckpt", deep_llama(3))
+    ckpts: list[StreamedCheckpoint] = []
+    init = StreamedCheckpoint.__init__
+
+    def remembered(self, *args, **kwargs) -> None:
+        ckpts.append(self)
+        init(self, *args, **kwargs)
+
+    devices, buffers = [], set()
+    run_block = sequential.run_block
+
+    def checked(block, hidden, call):
+        model = ckpts[-1].model
+        devices.extend(m.weight.device.type for m in (model.get_input_embeddings(), model.get_output_embeddings()))
+        return run_block(block, hidden, call)
+
+    advance = streaming.advance
+
+    def tracked(block, state) -> None:
+        buffers.add(state.inps.untyped_storage().data_ptr())
+        advance(block, state)
+        buffers.add(state.inps.untyped_storage().data_ptr())
+
+    monkeypatch.setattr(StreamedCheckpoint, "__init__", remembered)
+    monkeypatch.setattr(sequential, "run_block", checked)
+    monkeypatch.setattr(streaming, "advance", tracked)
+    prune_to_folder(checkpoint, tmp_path / "out", "wanda", "2:4", calibration=random_ids(), nsamples=8, seqlen=32, progress=False)
+    assert devices and set(devices) == {"meta"}
+    assert len(buffers) == 1
+
+
+def test_tensors_outside_the_layers_are_written_one_table_at_a_time(tmp_path, monkeypatch):
+    """An untied head is read after the embeddings were written and freed, not beside them: the tensors outside the
+    decoder layers go to parts no larger than the largest of them."""
+    checkpoint = save_checkpoint(tmp_path / "ckpt", make_tiny_model("llama"), tokenizer=False)  # untied
+    groups = list(StreamedCheckpoint(checkpoint).rest_parts().values())
+    assert groups == [["model.embed_tokens.weight"], ["model.norm.weight"], ["lm_head.weight"]]
+    written = []
+    write = PartialModelFolder.write
+
+    def counted(self, part, tensors) -> None:
+        if part.startswith("rest"):
+            written.append(sum(t.nbytes for t in tensors.values()))
+        write(self, part, tensors)
+
+    monkeypatch.setattr(PartialModelFolder, "write", counted)
+    prune_to_folder(checkpoint, tmp_path / "out", "magnitude", "2:4", progress=False)
+    assert len(written) == 3 and max(written) == TINY["vocab_size"] * TINY["hidden_size"] * 4
+
+
+def test_streamed_prune_from_a_text_file_never_imports_datasets(tmp_path):
+    """`datasets` (about 80 MB resident for the rest of the run) is imported only for calibration data that needs it."""
+    checkpoint = save_checkpoint(tmp_path / "ckpt", make_tiny_model("llama"))
+    argv = ["prune", "--model", str(checkpoint), "--out", str(tmp_path / "out"), "--method", "wanda", "--sparsity", "2:4",
+            "--calib", str(CALIB), "--nsamples", "4", "--seqlen", "32"]  # fmt: skip
+    code = f"import sys\nfrom spp_hf.cli import main\nmain({argv!r})\nassert 'datasets' not in sys.modules, 'imported'"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "out" / "sparsity.json").is_file()
+
+
+def test_block_calls_hold_about_one_block_of_activations():
+    """A block call's widest activation is kept to a quarter of the block's parameters: LLaMA-7B's blocks keep 4096
+    tokens per call, narrower blocks get fewer, and a call never holds less than one sample."""
+
+    def block(hidden: int, intermediate: int, heads: int, kv_heads: int) -> torch.nn.Module:
+        config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                             num_key_value_heads=kv_heads, num_hidden_layers=1, vocab_size=32)  # fmt: skip
+        with torch.device("meta"):
+            return LlamaForCausalLM(config).model.layers[0]
+
+    assert batch_size_for(512) == 8 and batch_size_for(2048) == 2
+    assert batch_size_for(512, block=block(4096, 11008, 32, 32)) == 8  # 202 M parameters, widest 11008: 4596 tokens
+    assert batch_size_for(512, block=block(1024, 2048, 16, 4)) == 2  # 8.9 M parameters, widest 2048: 1087 tokens
+    assert batch_size_for(2048, block=block(1024, 2048, 16, 4)) == 1
+
+
+def test_a_hessian_inverse_consumes_its_sum():
+    """SparseGPT's Hessian is inverted in the memory of its sum: the inverse is cached for the layers sharing it, and
+    the sum is gone (more batches or another dampening are refused) instead of held beside the inverse."""
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    hessian, kept = Hessian(16), Hessian(16)
+    hessian.add_batch(x)
+    kept.add_batch(x)
+    matrix = kept.matrix
+    inverse = hessian.inverse_cholesky(0.01)
+    assert hessian.xtx is None and hessian.inverse_cholesky(0.01) is inverse
+    assert torch.equal(inverse, sparsegpt.inverse_cholesky(matrix, 0.01))  # the same bits as from a kept sum
+    with pytest.raises(RuntimeError, match="consumed by its inverse"):
+        hessian.add_batch(x)
+    with pytest.raises(RuntimeError, match="consumed by its inverse"):
+        hessian.inverse_cholesky(0.1)
+
+
 # --------------------------------------------------------------------------- kill and resume
 CHILD = textwrap.dedent(
     """
@@ -190,7 +291,8 @@ def test_killed_prune_resumes_at_first_unfinished_layer(tmp_path, monkeypatch, m
     assert not out.exists()  # the target is only ever written whole
     (partial,) = tmp_path.glob(".out.spp-hf-partial-*")
     done = {p.name.removesuffix(".safetensors") for p in partial.glob("*.safetensors")}
-    assert {"rest", layer_part(0), layer_part(1)} <= done  # layer 2 may still have been on its way to the disk
+    rest = set(StreamedCheckpoint(checkpoint).rest_parts())
+    assert rest | {layer_part(0), layer_part(1)} <= done  # layer 2 may still have been on its way to the disk
 
     pruned = []
     prune_block = streaming.prune_block

@@ -6,15 +6,16 @@
    passes (position embeddings, attention mask, position ids, cache flags, ...) and raises to stop.
 3. `run_sequential` then, for each block: collects statistics of the inputs of its target linear layers,
    lets the method prune them, and recomputes the block's outputs with the pruned weights, which become
-   the next block's inputs. Only one block's activations (inputs and outputs) are held at a time, and with
-   `device` set only the current block is moved there.
+   the next block's inputs. One buffer of activations is held (each batch's outputs replace its inputs), and
+   with `device` set only the current block is moved there.
 
-The steps (`start_sequential`, `prune_block`, `advance`) are shared with `streaming.py`, which runs them on
-decoder blocks read one at a time from a checkpoint.
+The steps (`capture_layer_inputs` + `calibration_batches` = `start_sequential`, `prune_block`, `advance`) are
+shared with `streaming.py`, which runs them on decoder blocks read one at a time from a checkpoint.
 """
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -150,7 +151,8 @@ class _InputCollector:
     Modules called on the very same input tensor (q/k/v, gate/up) share one statistics object, since their
     input statistics are identical. After the first sample, once every target has seen its input the
     block's forward is stopped, skipping work no statistic needs. (A "sample" here is one block call, which
-    may hold several calibration samples.)
+    may hold several calibration samples.) Inputs are recognised by weak references, so the collector keeps no
+    activation alive past its use.
     """
 
     def __init__(self, targets: dict[str, nn.Module], make_stats: Callable[[int, torch.device], Any], device: torch.device):
@@ -160,7 +162,7 @@ class _InputCollector:
         self.stats: dict[str, Any] = {}
         self.first_sample = True
         self.calls: dict[str, int] = {}
-        self.seen_inputs: dict[int, tuple[torch.Tensor, str]] = {}
+        self.seen_inputs: dict[int, tuple[weakref.ref, str]] = {}
         self.early_stop = False
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in targets.items()]
 
@@ -170,11 +172,11 @@ class _InputCollector:
             self.calls[name] = self.calls.get(name, 0) + 1
             if self.first_sample:
                 owner = self.seen_inputs.get(id(x))
-                if owner is not None and owner[0] is x and self.calls[name] == 1:
+                if owner is not None and owner[0]() is x and self.calls[name] == 1:
                     self.stats[name] = self.stats[owner[1]]  # same input tensor: share the statistics
                 else:
                     self.stats.setdefault(name, self.make_stats(in_out_features(module)[0], self.device))
-                    self.seen_inputs[id(x)] = (x, name)
+                    self.seen_inputs[id(x)] = (weakref.ref(x), name)
                     self.stats[name].add_batch(x)
             elif self.owner_of[name] == name:
                 self.stats[name].add_batch(x)
@@ -205,9 +207,24 @@ def block_targets(block: nn.Module, block_name: str, selected: Callable[[str], b
     }
 
 
-@torch.no_grad()
-def batch_size_for(seqlen: int, tokens_per_call: int = 4096) -> int:
-    """Samples per block call: about `tokens_per_call` tokens (8 x 512, 2 x 2048), never fewer than one sample."""
+ACTIVATION_SHARE = 4  # a block call's widest activation is kept to 1/4 of the block's parameters
+
+
+def batch_size_for(seqlen: int, tokens_per_call: int = 4096, block: nn.Module | None = None) -> int:
+    """Samples per block call: about `tokens_per_call` tokens (8 x 512, 2 x 2048), never fewer than one sample.
+
+    With `block`, fewer when its activations are large against its weights: a call's widest activation (tokens x
+    the widest input or output of its linear layers) is kept to a quarter of the block's parameters, since a call
+    holds about four such activations at once (an MLP's gate, up, activation and product). A call then needs
+    about one block's weights of memory on top of the block, whatever the width: LLaMA-7B's blocks keep 4096
+    tokens, a block of hidden size 1024 and MLP width 2048 gets 1024 (a 4096-token call of it took about five
+    times the block's 36 MB). The same batches in memory and streamed keep the two bit for bit equal.
+    """
+    if block is not None:
+        widths = [max(in_out_features(m)) for m in block.modules() if is_linear_like(m)]
+        params = sum(p.numel() for p in block.parameters())
+        if widths and params:
+            tokens_per_call = min(tokens_per_call, params // (ACTIVATION_SHARE * max(widths)))
     return max(1, tokens_per_call // max(seqlen, 1))
 
 
@@ -230,12 +247,11 @@ def batching_works(block: nn.Module, hidden: torch.Tensor, call: LayerCall, batc
 
 @dataclass
 class BlockInputs:
-    """What every block of a sequential calibration shares: the captured call, the current block's inputs, a buffer
-    for its outputs (same shape and dtype, the model's), the sample batches of one block call, and the device."""
+    """What every block of a sequential calibration shares: the captured call, the current block's inputs (the
+    model's dtype; `advance` overwrites them with its outputs), the sample batches of one block call, the device."""
 
     call: LayerCall
     inps: torch.Tensor  # (nsamples, seqlen, hidden)
-    outs: torch.Tensor  # (nsamples, seqlen, hidden)
     batches: list[slice]
     device: torch.device
 
@@ -248,24 +264,34 @@ def start_sequential(
     device: torch.device | str | None = None,
     batch_size: int | None = None,
 ) -> BlockInputs:
-    """Capture the first block's inputs and choose the batches every block is called on.
-
-    Blocks are called on `batch_size` samples at a time (default: about 4096 tokens per call) when that
-    reproduces the per-sample outputs on the first block (still unpruned: checked before any weight changes),
-    else on one sample at a time. `first_block` must hold its weights; the rest of the model only what runs
-    before it.
-    """
+    """Capture the first block's inputs and choose the batches every block is called on (`capture_layer_inputs`
+    then `calibration_batches`). `first_block` must hold its weights; the rest of the model only what runs before
+    it."""
     work_device = torch.device(device) if device is not None else module_device(first_block)
     call = capture_layer_inputs(model, first_block, input_ids, work_device)
+    return calibration_batches(first_block, call, work_device, batch_size)
+
+
+@torch.no_grad()
+def calibration_batches(
+    first_block: nn.Module, call: LayerCall, device: torch.device, batch_size: int | None = None
+) -> BlockInputs:
+    """The calibration state for the captured inputs `call`: the batches every block is called on.
+
+    Blocks are called on `batch_size` samples at a time (default: `batch_size_for` the first block: about 4096
+    tokens per call, fewer for blocks narrow against their activations) when that reproduces the per-sample
+    outputs on the first block (still unpruned: checked before any weight changes), else on one sample at a
+    time. Only `first_block` needs its weights (the streamed prune has released the embeddings by now).
+    """
     nsamples = call.hidden.shape[0]
-    batch_size = batch_size_for(call.hidden.shape[1]) if batch_size is None else batch_size
+    batch_size = batch_size_for(call.hidden.shape[1], block=first_block) if batch_size is None else batch_size
     home = module_device(first_block)
-    first_block.to(work_device)
+    first_block.to(device)
     if not batching_works(first_block, call.hidden, call, batch_size):
         batch_size = 1
     first_block.to(home)
     batches = [slice(j, min(j + batch_size, nsamples)) for j in range(0, nsamples, batch_size)]
-    return BlockInputs(call, call.hidden, torch.empty_like(call.hidden), batches, work_device)
+    return BlockInputs(call, call.hidden, batches, device)
 
 
 @torch.no_grad()
@@ -295,17 +321,18 @@ def prune_block(
     missing = [name for name in targets if name not in collector.stats]
     if missing:
         raise RuntimeError(f"{missing} were never called in their block's forward, so they cannot be calibrated.")
+    stats = collector.stats
     with single_threaded(state.device):
         for name, module in targets.items():
-            prune_module(name, dense_weight(module), collector.stats[name])
+            prune_module(name, dense_weight(module), stats.pop(name))  # statistics go with the last module sharing them
 
 
 @torch.no_grad()
 def advance(block: nn.Module, state: BlockInputs) -> None:
-    """Run the (pruned) block on its inputs; its outputs become the next block's inputs."""
+    """Run the (pruned) block on its inputs; its outputs become the next block's inputs, written over them batch by
+    batch (a batch's outputs depend on its own inputs only), so no second buffer of activations is needed."""
     for batch in state.batches:
-        state.outs[batch] = run_block(block, state.inps[batch], state.call)
-    state.inps, state.outs = state.outs, state.inps
+        state.inps[batch] = run_block(block, state.inps[batch], state.call)
 
 
 @torch.no_grad()

@@ -27,34 +27,49 @@ DEFAULT_PERCDAMP = 0.01
 class Hessian:
     """Accumulates H = 2/N * sum_t x_t x_t^T over the N calibration tokens seen (float32).
 
-    Layers fed the same input (q/k/v, gate/up) share one Hessian; its inverse Cholesky factor is computed once.
+    Layers fed the same input (q/k/v, gate/up) share one Hessian; its inverse Cholesky factor is computed once. That
+    inverse consumes the sum: H is scaled, damped and factored in the sum's own memory (a wide layer's Hessian is
+    tens of MB, LLaMA-7B's down_proj's 485 MB), so afterwards only the inverse at that dampening is available;
+    `add_batch` and other dampenings are refused.
     """
 
     def __init__(self, in_features: int, device: torch.device | str | None = None):
-        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.xtx: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.tokens = 0
         self._inverse: dict[float, torch.Tensor] = {}
+
+    def _sum(self) -> torch.Tensor:
+        if self.xtx is None:
+            raise RuntimeError(
+                f"This Hessian's sum was consumed by its inverse at percdamp {list(self._inverse)}: accumulate a new "
+                "Hessian to add batches or to invert it at another dampening."
+            )
+        return self.xtx
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        self.xtx.addmm_(x.t(), x)
+        self._sum().addmm_(x.t(), x)
         self.tokens += x.shape[0]
-        self._inverse.clear()
 
     @property
     def matrix(self) -> torch.Tensor:
-        return self.xtx * (2.0 / max(self.tokens, 1))
+        return self._sum() * (2.0 / max(self.tokens, 1))
 
     def inverse_cholesky(self, percdamp: float) -> torch.Tensor:
         if percdamp not in self._inverse:
-            self._inverse[percdamp] = inverse_cholesky(self.matrix, percdamp)
+            matrix = self._sum().mul_(2.0 / max(self.tokens, 1))  # the same values as `matrix`, in place
+            self.xtx = None
+            self._inverse[percdamp] = inverse_cholesky(matrix, percdamp, overwrite=True)
         return self._inverse[percdamp]
 
 
-def inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp*I)^-1 with damp = percdamp * mean(diag H), as the reference computes it."""
-    H = hessian.clone()
+def inverse_cholesky(hessian: torch.Tensor, percdamp: float, overwrite: bool = False) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp*I)^-1 with damp = percdamp * mean(diag H), as the reference computes it.
+
+    `overwrite` lets it damp `hessian` in place instead of a copy; each intermediate matrix is freed once used
+    (a wide layer's are tens of MB each)."""
+    H = hessian if overwrite else hessian.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     damp = percdamp * torch.mean(torch.diag(H))
@@ -62,7 +77,9 @@ def inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     H[idx, idx] += damp
     try:
         L = torch.linalg.cholesky(H)
-        Hinv = torch.cholesky_solve(torch.eye(H.shape[0], dtype=H.dtype, device=H.device), L)
+        H.zero_().diagonal().fill_(1)  # the identity, in H's memory (H is no longer needed)
+        Hinv = torch.cholesky_solve(H, L)
+        del H, L
         return torch.linalg.cholesky(Hinv, upper=True)
     except torch.linalg.LinAlgError as err:
         raise ValueError(

@@ -4,9 +4,18 @@ Wanda and SparseGPT only ever need one decoder layer and the calibration activat
 llm-compressor's "sequential onloading"). `prune_to_folder` builds the model on the meta device (transformers'
 own init, so nothing is allocated), reads the tensors of one decoder layer at a time from the checkpoint's
 safetensors files (`safe_open`; the file is mapped copy-on-write), prunes it with the same per-block step as the
-in-memory `prune` (`sequential.prune_block`), writes it as one part of the output and frees it. Peak memory is
-the embeddings (while the first layer's inputs are captured), one decoder layer and the calibration activations,
-which stay in the model's dtype.
+in-memory `prune` (`sequential.prune_block`), writes it as one part of the output and frees it.
+
+Memory: one decoder layer, one buffer of calibration activations (in the model's dtype; each layer's outputs
+overwrite its inputs) and what one block call makes of a batch of them (batches sized by
+`sequential.batch_size_for` to about one block's weights). The embeddings are read only for the capture of the
+first layer's inputs and released before any decoder layer runs; an untied output head is only copied into
+the output (the tensors outside the layers go there first, one embedding table at a time: `rest_parts`).
+SparseGPT's Hessians go with the last module using them and are inverted in their own memory. Large
+allocations are returned to the OS when freed (`large_frees_returned`), so the peak is what is live. On an
+8-layer float32 Llama of 416 MB (hidden 1024, tied vocab 32000) the CLI peaks 0.40x (Wanda) and 0.42x
+(SparseGPT) the checkpoint's size above a process that only imported spp_hf, at 8 x 512 calibration tokens;
+untied (547 MB), 0.31x and 0.32x (`benchmarks/bench_prune_memory.py`).
 
 The output is the folder `prune` + `save_pruned` write, bit for bit in its tensors, `sparsity.json` (apart from
 the time taken) and card: a sharded transformers checkpoint written through `storage` with the same crash
@@ -30,6 +39,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -54,17 +64,29 @@ from ..storage import (
     check_model_folder_target,
     write_model_folder_from_parts,
 )
+from ..training.cpu_allocator import keep_freed_memory
 from ..version import __version__
 from .api import PruneReport, _calibration_mode, _method_fns, select_modules
 from .calibration import CalibrationData, load_calibration
 from .magnitude import prune_magnitude_
 from .masks import SparsitySpec, parse_sparsity
-from .sequential import BlockInputs, advance, block_name, block_targets, find_decoder_layers, prune_block, single_threaded, start_sequential
+from .sequential import (
+    BlockInputs,
+    advance,
+    batch_size_for,
+    block_name,
+    block_targets,
+    calibration_batches,
+    capture_layer_inputs,
+    find_decoder_layers,
+    prune_block,
+    single_threaded,
+)
 from .sparsegpt import DEFAULT_BLOCKSIZE, DEFAULT_PERCDAMP
 
 DEFAULT_MAX_SHARD_SIZE = "100MB"
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]  # what streaming downloads
-REST_PART = "rest"  # the part holding every tensor outside the decoder layers (embeddings, final norm, head)
+REST_PART = "rest"  # the part (or, in `rest_parts`, the prefix of the parts) of the tensors outside the decoder layers
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -160,13 +182,20 @@ def _checkpoint_dtype(config: Any, where: Mapping[str, Path]) -> torch.dtype:
 
 
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
+def _libc_function(name: str) -> Callable[..., int] | None:
+    """glibc's `name` (malloc_trim, mallopt), or None off Linux / glibc."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):  # not glibc
         return None
+    function.restype = ctypes.c_int
+    return function
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    return _libc_function("malloc_trim")
 
 
 def return_freed_memory() -> None:
@@ -175,12 +204,43 @@ def return_freed_memory() -> None:
     The CLI keeps freed memory in the process for training speed (`training.cpu_allocator.keep_freed_memory`):
     temporaries of other sizes then land on fresh heap pages and the resident size creeps up. Called where a phase
     leaves much memory free: after tokenizing the calibration text, after the capture, after each module a
-    calibrated method pruned, after each layer read back for sparsity.json or merged. Not between the layers of
-    the prune loop, whose same-sized buffers are reused there and would only be faulted in again.
+    calibrated method pruned, after each layer's forward pass over the calibration activations (the next layer's
+    statistics pass did not fit in the holes it left: with every size on the heap, Wanda peaked 35% higher
+    without it), after each layer read back for sparsity.json or merged.
     """
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number
+_GLIBC_MMAP_THRESHOLD = 128 * 1024  # glibc's initial mmap threshold
+LARGE_ALLOCATION = 1 << 20  # bytes from which `large_frees_returned` maps each allocation on its own
+
+
+@contextmanager
+def large_frees_returned(threshold: int = LARGE_ALLOCATION) -> Iterator[None]:
+    """For the duration, glibc serves every allocation of `threshold` bytes or more with a mapping of its own
+    (`mallopt(M_MMAP_THRESHOLD)`), which leaves the process the moment it is freed. A no-op off glibc.
+
+    The streamed prune's memory is then what its live tensors hold. From the heap (the CLI's
+    `training.cpu_allocator.keep_freed_memory` puts every size there), a layer's activations, Hessians and their
+    inverses, of many sizes, left holes that later sizes did not fit: the peak was 25-50 MB higher and varied from
+    run to run by as much (`benchmarks/bench_prune_memory.py`). The cost is page faults, a few percent of the
+    time. Afterwards the CLI's setting is put back if it was on, else glibc's initial threshold (glibc no longer
+    raises it by itself after a free).
+    """
+    mallopt = _libc_function("mallopt")
+    if mallopt is None or mallopt(_M_MMAP_THRESHOLD, threshold) != 1:
+        yield
+        return
+    try:
+        yield
+    finally:
+        if keep_freed_memory.cache_info().currsize and keep_freed_memory():
+            keep_freed_memory.__wrapped__()  # the process's setting, applied again
+        else:
+            mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD)
 
 
 def release(module: nn.Module) -> None:
@@ -276,6 +336,25 @@ class StreamedCheckpoint:
     def rest_keys(self) -> list[str]:
         """Output tensor names outside the decoder layers (embeddings, final norm, head)."""
         return [k for k in self.output_keys if self.layer_index(k) is None]
+
+    def rest_parts(self) -> dict[str, list[str]]:
+        """{part name: output tensor names} of the tensors outside the decoder layers (embeddings, final norm, an untied
+        head), in output order, packed into parts no larger than the largest of them. A part's tensors are all read
+        (their pages of the checkpoint mapped) while it is written, so this peaks at one embedding table where one
+        part of them all held two with an untied head."""
+        shapes = self.model.state_dict()
+        sizes = {k: shapes[k].numel() * shapes[k].element_size() for k in self.rest_keys()}
+        limit = max(sizes.values(), default=0)
+        groups: list[list[str]] = []
+        size = 0
+        for key, nbytes in sizes.items():
+            if groups and size + nbytes <= limit:
+                groups[-1].append(key)
+                size += nbytes
+            else:
+                groups.append([key])
+                size = nbytes
+        return {f"{REST_PART}-{i:05d}": keys for i, keys in enumerate(groups)}
 
     def _head_prefix(self) -> str | None:
         head = self.model.get_output_embeddings()
@@ -407,17 +486,25 @@ def _run_key(ckpt: StreamedCheckpoint, settings: dict[str, Any], calib: Calibrat
 def _start_calibration(
     ckpt: StreamedCheckpoint, calib: CalibrationData, device: torch.device | str | None, batch_size: int | None, keep_first: bool
 ) -> BlockInputs:
-    """Capture the first layer's inputs with the embeddings and the (unpruned) first layer loaded, then free the
-    embeddings, and the first layer unless `keep_first` (it is pruned next: read once)."""
-    ckpt.load_outside()
+    """Capture the first layer's inputs with the embeddings and the (unpruned) first layer loaded, free the
+    embeddings, choose the batches on the first layer, then free it unless `keep_first` (it is pruned next: read
+    once). The embeddings (and the pages of the checkpoint they were read from) are gone before any layer runs."""
+    work_device = torch.device(device or "cpu")
+    first = ckpt.load_layer(0)
     try:
-        first = ckpt.load_layer(0)
-        state = start_sequential(ckpt.model, first, calib.input_ids, torch.device(device or "cpu"), batch_size)
-        if not keep_first:
-            ckpt.release_layer(0)
-    finally:
-        ckpt.release_outside()
-        return_freed_memory()
+        ckpt.load_outside()
+        try:
+            call = capture_layer_inputs(ckpt.model, first, calib.input_ids, work_device)
+        finally:
+            ckpt.release_outside()
+            return_freed_memory()
+        state = calibration_batches(first, call, work_device, batch_size)
+        return_freed_memory()  # the batching check's two forward passes
+    except BaseException:
+        ckpt.release_layer(0)
+        raise
+    if not keep_first:
+        ckpt.release_layer(0)
     return state
 
 
@@ -459,10 +546,12 @@ def _prune_layers(
             parts.write(layer_part(index), ckpt.layer_tensors(index))
         if state is not None and index + 1 < count:
             advance(block, state)
+            return_freed_memory()
         ckpt.release_layer(index)
 
 
 @torch.no_grad()
+@large_frees_returned()
 def prune_to_folder(
     model: str | os.PathLike,
     out: str | os.PathLike,
@@ -487,8 +576,9 @@ def prune_to_folder(
     """Prune the checkpoint `model` (local folder or Hub id, safetensors) layer by layer into the pruned base `out`.
 
     The same settings and the same result as `prune(AutoModelForCausalLM.from_pretrained(model, dtype=dtype), ...)`
-    followed by `save_pruned(model, tokenizer, out, report)`, without ever holding more than the embeddings, one
-    decoder layer and the calibration activations (see the module docstring). `dtype` is the dtype to prune in
+    followed by `save_pruned(model, tokenizer, out, report)`, holding one decoder layer and the calibration
+    activations at a time (the embeddings only while the first layer's inputs are captured; see the module
+    docstring). `dtype` is the dtype to prune in
     (default: as saved, like `from_pretrained`). `tokenizer` (default: the checkpoint's) tokenizes the calibration
     text and is saved with the model. Output shards hold whole decoder layers, packed up to `max_shard_size`.
     Started again after a crash with the same arguments, it resumes at the first layer not finished. `out` must be
@@ -507,14 +597,17 @@ def prune_to_folder(
     calib = None if method == "magnitude" else _calibration(ckpt, str(model), calibration, tokenizer, nsamples, seqlen, seed)
     names = [name for name, _ in targets]
     settings = {"method": method, "sparsity": str(spec), "modules": names, "blocksize": blocksize, "percdamp": percdamp,
-                "batch_size": batch_size, "device": torch.device(device or "cpu").type}  # fmt: skip
+                "batch_size": batch_size or batch_size_for(seqlen, block=ckpt.layers[0]),  # the rule's choice too
+                "device": torch.device(device or "cpu").type}  # fmt: skip
     parts = PartialModelFolder(out, "pruned-base", _run_key(ckpt, settings, calib))
-    if not parts.has(REST_PART):
-        parts.write(REST_PART, ckpt.read(ckpt.rest_keys()))
+    rest = ckpt.rest_parts()
+    for part, keys in rest.items():
+        if not parts.has(part):
+            parts.write(part, ckpt.read(keys))
     with _calibration_mode(ckpt.model):
         method_fns = _trimmed(*_method_fns(method, spec, blocksize, percdamp)) if calib is not None else None
         _prune_layers(ckpt, parts, spec, set(names), calib, method_fns, device, batch_size, progress, f"{method} {spec} (streamed)")
-    part_names = [REST_PART] + [layer_part(i) for i in range(len(ckpt.layers))]
+    part_names = [*rest, *(layer_part(i) for i in range(len(ckpt.layers)))]
     full, fingerprint = ckpt.folder_sparsity(part_files(parts, part_names), names)
     report = PruneReport(
         method=method, sparsity=str(spec), calibration=calib.description if calib else None,

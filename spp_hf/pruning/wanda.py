@@ -19,8 +19,8 @@ class InputNorms:
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.sq_sum += x.pow(2).sum(0)
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64, copy=True)  # a copy even in float64: squared in place
+        self.sq_sum += x.pow_(2).sum(0)
         self.tokens += x.shape[0]
 
     @property
