@@ -49,7 +49,7 @@ import secrets
 import shutil
 import stat
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext, suppress
 from fnmatch import fnmatch
@@ -852,18 +852,25 @@ def write_model_folder_from_parts(
     return Path(directory)
 
 
+def pack_in_order(sizes: Sequence[int], limit: int) -> list[list[int]]:
+    """The indices of `sizes`, in order, in consecutive groups whose sizes add up to at most `limit` (an item
+    larger than `limit` forms a group of its own): how parts are packed into shards."""
+    groups: list[list[int]] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if groups and total + size <= limit:
+            groups[-1].append(i)
+            total += size
+        else:
+            groups.append([i])
+            total = size
+    return groups
+
+
 def _write_shards(folder: Path, parts: list[Path], max_shard_size: int, total_parameters: int) -> None:
     """The weight files of a checkpoint from its part files (see `write_model_folder_from_parts`)."""
     layouts = [_safetensors_layout(part) for part in parts]
-    groups: list[list[int]] = []
-    size = 0
-    for i, (_, nbytes) in enumerate(layouts):
-        if groups and size + nbytes <= max_shard_size:
-            groups[-1].append(i)
-            size += nbytes
-        else:
-            groups.append([i])
-            size = nbytes
+    groups = pack_in_order([nbytes for _, nbytes in layouts], max_shard_size)
     count = len(groups)
     names = [SAFE_WEIGHTS_NAME] if count == 1 else [SHARD_NAME.format(index=i + 1, count=count) for i in range(count)]
     weight_map = {}

@@ -61,6 +61,7 @@ from ..storage import (
     SAFE_WEIGHTS_NAME,
     SPARSITY_FORMAT_VERSION,
     PartialModelFolder,
+    pack_in_order,
     check_model_folder_target,
     write_model_folder_from_parts,
 )
@@ -344,17 +345,9 @@ class StreamedCheckpoint:
         part of them all held two with an untied head."""
         shapes = self.model.state_dict()
         sizes = {k: shapes[k].numel() * shapes[k].element_size() for k in self.rest_keys()}
-        limit = max(sizes.values(), default=0)
-        groups: list[list[str]] = []
-        size = 0
-        for key, nbytes in sizes.items():
-            if groups and size + nbytes <= limit:
-                groups[-1].append(key)
-                size += nbytes
-            else:
-                groups.append([key])
-                size = nbytes
-        return {f"{REST_PART}-{i:05d}": keys for i, keys in enumerate(groups)}
+        keys = list(sizes)
+        groups = pack_in_order(list(sizes.values()), max(sizes.values(), default=0))
+        return {f"{REST_PART}-{i:05d}": [keys[k] for k in group] for i, group in enumerate(groups)}
 
     def _head_prefix(self) -> str | None:
         head = self.model.get_output_embeddings()
