@@ -767,7 +767,7 @@ class PartialModelFolder:
         self.folder.mkdir(exist_ok=True)
         fsync_dir(self.target.parent)
         self._pending: Future | None = None
-        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spp-hf-fsync")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spp-hf-part-writer")
 
     def path(self, part: str) -> Path:
         if not _PART_NAME.fullmatch(part):
@@ -779,20 +779,15 @@ class PartialModelFolder:
         return self.path(part).is_file()
 
     def write(self, part: str, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Write one part as a transformers shard. Its bytes are written now (the tensors may be freed on return);
-        making it durable and visible (fsync, rename) runs in the background while the caller prepares the next
-        part, the slow disk flush overlapping the work. At most one part is pending; `flush` waits for it."""
+        """Write one part as a transformers shard, in the background: its bytes are written and made durable and
+        visible (fsync, rename) while the caller prepares the next part, the disk work overlapping the caller's.
+        The pending write holds the tensors until it is done: the caller may drop its references but must not change
+        the tensors. At most one part is pending; `flush` waits for it."""
         self.flush()
         path = self.path(part)
         for leftover in _own_siblings(path, "tmp"):
             leftover.unlink(missing_ok=True)
-        tmp = _own_sibling(path, "tmp")
-        try:
-            save_file(_plain_tensors(tensors), str(tmp), metadata=dict(_SHARD_METADATA))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        self._pending = self._syncer.submit(_publish, tmp, path)
+        self._pending = self._writer.submit(_write_part, _plain_tensors(tensors), _own_sibling(path, "tmp"), path)
 
     def flush(self) -> None:
         """Wait until every part written is on disk under its name (re-raising a failure to get it there)."""
@@ -806,9 +801,11 @@ class PartialModelFolder:
         fsync_dir(self.folder.parent)
 
 
-def _publish(tmp: Path, path: Path) -> None:
-    """Make a fully written temporary file durable, then give it its name, durably (the end of `atomic_path`)."""
+def _write_part(tensors: dict[str, torch.Tensor], tmp: Path, path: Path) -> None:
+    """Write `tensors` to `tmp` as a transformers shard, make it durable, then give it its name, durably (what
+    `atomic_path` does, run by `PartialModelFolder`'s background writer)."""
     try:
+        save_file(tensors, str(tmp), metadata=dict(_SHARD_METADATA))
         _fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)

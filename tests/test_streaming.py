@@ -371,6 +371,42 @@ def test_partial_folder_keys_and_parts(tmp_path):
         other.path("../escape")
 
 
+def test_partial_folder_writes_in_the_background_and_keeps_the_tensors(tmp_path, monkeypatch):
+    """`write` returns before the part is on disk (the caller's next layer overlaps the disk work), the pending write
+    holds the tensors after the caller dropped them, and a failed write is raised by `flush`, leaving nothing."""
+    import threading
+
+    from safetensors.torch import load_file
+
+    from spp_hf import storage
+
+    released, saved = threading.Event(), []
+    real_save = storage.save_file
+
+    def slow_save(tensors, path, metadata=None):
+        saved.append(released.wait(timeout=30))  # True only if the caller went on while this write waited
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(storage, "save_file", slow_save)
+    parts = PartialModelFolder(tmp_path / "out", "pruned-base", "c" * 16)
+    weight = torch.arange(6.0).reshape(2, 3)
+    parts.write("layer-00000", {"w": weight * 1})  # the only reference to the tensor is the pending write's
+    assert not parts.has("layer-00000")
+    released.set()
+    parts.flush()
+    assert saved == [True] and torch.equal(load_file(parts.path("layer-00000"))["w"], weight)
+
+    def failing_save(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(storage, "save_file", failing_save)
+    parts.write("layer-00001", {"w": weight})
+    with pytest.raises(OSError, match="disk full"):
+        parts.flush()
+    assert not parts.has("layer-00001") and not list(parts.folder.glob(".*"))  # no half-written part, no temporary
+
+
 def test_parse_size():
     assert parse_size("100MB") == 10**8 and parse_size("2GiB") == 2 * 2**30 and parse_size(4096) == 4096
     for bad in ("0MB", "-1", "big", 0):
