@@ -187,7 +187,7 @@ def test_embeddings_are_released_before_any_decoder_layer_runs(tmp_path, monkeyp
 
 def test_tensors_outside_the_layers_are_written_one_table_at_a_time(tmp_path, monkeypatch):
     """An untied head is read after the embeddings were written and freed, not beside them: the tensors outside the
-    decoder layers go to parts no larger than the largest of them."""
+    decoder layers go to parts no larger than the largest of them, in the streamed prune and the streamed merge."""
     checkpoint = save_checkpoint(tmp_path / "ckpt", make_tiny_model("llama"), tokenizer=False)  # untied
     groups = list(StreamedCheckpoint(checkpoint).rest_parts().values())
     assert groups == [["model.embed_tokens.weight"], ["model.norm.weight"], ["lm_head.weight"]]
@@ -201,6 +201,10 @@ def test_tensors_outside_the_layers_are_written_one_table_at_a_time(tmp_path, mo
 
     monkeypatch.setattr(PartialModelFolder, "write", counted)
     prune_to_folder(checkpoint, tmp_path / "out", "magnitude", "2:4", progress=False)
+    assert len(written) == 3 and max(written) == TINY["vocab_size"] * TINY["hidden_size"] * 4
+    adapter = trained_adapter(tmp_path / "out", tmp_path / "adapter", SPPConfig(r=4, target_modules="all-linear"))
+    written.clear()
+    merge_to_folder(adapter, tmp_path / "merged", progress=False)
     assert len(written) == 3 and max(written) == TINY["vocab_size"] * TINY["hidden_size"] * 4
 
 
@@ -499,7 +503,8 @@ def test_killed_merge_resumes(tmp_path, monkeypatch):
     out = tmp_path / "merged"
     run_killed(f"merge_to_folder({str(adapter)!r}, {str(out)!r}, progress=False)", kill_after=layer_part(1))
     (partial,) = tmp_path.glob(".merged.spp-hf-partial-*")
-    assert {"rest", layer_part(0)} <= {p.name.removesuffix(".safetensors") for p in partial.glob("*.safetensors")}
+    rest = set(StreamedCheckpoint(base).rest_parts())
+    assert rest | {layer_part(0)} <= {p.name.removesuffix(".safetensors") for p in partial.glob("*.safetensors")}
     merged = []
     merge_layer = streaming_merge._merge_layer
     monkeypatch.setattr(streaming_merge, "_merge_layer", lambda block, prefix, *a: (merged.append(prefix), merge_layer(block, prefix, *a)))

@@ -27,7 +27,6 @@ from ..layer_weights import dense_weight
 from ..pruning.sequential import block_name
 from ..pruning.streaming import (
     DEFAULT_MAX_SHARD_SIZE,
-    REST_PART,
     StreamedCheckpoint,
     layer_part,
     parse_size,
@@ -127,8 +126,7 @@ def merge_streamed(
     for name in names:
         by_layer.setdefault(ckpt.layer_index(name), []).append(name)
     parts = PartialModelFolder(out, kind, _run_key(ckpt, adapter_dir))
-    if not parts.has(REST_PART):
-        parts.write(REST_PART, ckpt.read(ckpt.rest_keys()))
+    rest = ckpt.write_rest(parts)
     for index in tqdm(range(len(ckpt.layers)), desc="merging", unit="layer", disable=not progress):
         if parts.has(layer_part(index)):
             continue
@@ -138,7 +136,7 @@ def merge_streamed(
         parts.write(layer_part(index), ckpt.layer_tensors(index))
         ckpt.release_layer(index)
         return_freed_memory()
-    part_names = [REST_PART] + [layer_part(i) for i in range(len(ckpt.layers))]
+    part_names = [*rest, *(layer_part(i) for i in range(len(ckpt.layers)))]
     report, found = ckpt.folder_sparsity(part_files(parts, part_names))
     problems = zero_mask_differences(config.mask_fingerprint, found) if config.mask_fingerprint else []
     if problems:

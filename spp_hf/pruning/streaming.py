@@ -87,7 +87,7 @@ from .sparsegpt import DEFAULT_BLOCKSIZE, DEFAULT_PERCDAMP
 
 DEFAULT_MAX_SHARD_SIZE = "100MB"
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]  # what streaming downloads
-REST_PART = "rest"  # the part (or, in `rest_parts`, the prefix of the parts) of the tensors outside the decoder layers
+REST_PART = "rest"  # the prefix of the parts (`rest_parts`) that hold the tensors outside the decoder layers
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(|B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -349,6 +349,14 @@ class StreamedCheckpoint:
         groups = pack_in_order(list(sizes.values()), max(sizes.values(), default=0))
         return {f"{REST_PART}-{i:05d}": [keys[k] for k in group] for i, group in enumerate(groups)}
 
+    def write_rest(self, parts: PartialModelFolder) -> list[str]:
+        """Write the `rest_parts` an interrupted run did not finish to `parts`, one at a time; returns their names."""
+        rest = self.rest_parts()
+        for part, keys in rest.items():
+            if not parts.has(part):
+                parts.write(part, self.read(keys))
+        return list(rest)
+
     def _head_prefix(self) -> str | None:
         head = self.model.get_output_embeddings()
         return next((f"{n}." for n, m in self.model.named_modules() if m is head), None) if head is not None else None
@@ -593,10 +601,7 @@ def prune_to_folder(
                 "batch_size": batch_size or batch_size_for(seqlen, block=ckpt.layers[0]),  # the rule's choice too
                 "device": torch.device(device or "cpu").type}  # fmt: skip
     parts = PartialModelFolder(out, "pruned-base", _run_key(ckpt, settings, calib))
-    rest = ckpt.rest_parts()
-    for part, keys in rest.items():
-        if not parts.has(part):
-            parts.write(part, ckpt.read(keys))
+    rest = ckpt.write_rest(parts)
     with _calibration_mode(ckpt.model):
         method_fns = _trimmed(*_method_fns(method, spec, blocksize, percdamp)) if calib is not None else None
         _prune_layers(ckpt, parts, spec, set(names), calib, method_fns, device, batch_size, progress, f"{method} {spec} (streamed)")
