@@ -1,8 +1,12 @@
-"""Plot the recovery comparison: share of the WikiText-2 gap closed against training time.
+"""Plot the recovery comparison: share of the WikiText-2 gap closed against training time and against trainable
+parameters.
 
 Reads docs/recovery_runs.csv (one row per training run, plus the dense and pruned reference rows) and
-writes docs/recovery.png: one panel per sparsity, one point per method and learning rate (the mean over
-seeds, with min–max bars in both directions where there are several seeds), each labelled by name.
+writes docs/recovery.png: one column per sparsity, training seconds in the top row and trainable parameters in
+the bottom row, one point per method and learning rate (the mean over seeds, with min–max bars in both directions
+where there are several seeds), each labelled by name. The parameter panels show each method once, at its
+chosen settings (`main` 1: the rate the validation split picked, default dropout and steps). Runs timed on one core (`train_cores` 1: pinned to one
+core while another run used the other) are drawn hollow and say so: their seconds are not 2-core seconds.
 
     .venv/bin/python scripts/plot_results.py [--csv docs/recovery_runs.csv] [--out docs/recovery.png]
 """
@@ -18,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 COLORS = {
@@ -55,11 +60,11 @@ def load(path: Path) -> dict[str, list[dict]]:
         for row in csv.DictReader(f):
             if not row["train_s"]:  # dense and pruned reference rows
                 continue
-            runs[row["sparsity"]][(row["label"], row["lr"])].append(row)
+            runs[row["sparsity"]][(row["label"], row["lr"], row.get("train_cores") or "2")].append(row)
     points: dict[str, list[dict]] = {}
     for sparsity, groups in runs.items():
         points[sparsity] = []
-        for (label, lr), rows in groups.items():
+        for (label, lr, cores), rows in groups.items():
             gaps = [float(r["wikitext2_gap"]) for r in rows]
             secs = [float(r["train_s"]) for r in rows]
             points[sparsity].append(
@@ -72,60 +77,101 @@ def load(path: Path) -> dict[str, list[dict]]:
                     "gap_range": (min(gaps), max(gaps)),
                     "secs": sum(secs) / len(secs),
                     "secs_range": (min(secs), max(secs)),
+                    "params": float(rows[0]["trainable_params_m"]),
+                    "cores": int(cores),
+                    "main": rows[0].get("main", "1") == "1",
                 }
             )
     return points
 
 
+def _label(ax, p: dict, x: float, place: tuple, color: str, cores: bool) -> None:
+    kind, tx, ty, ha = place
+    seeds = f", {p['seeds']} seeds" if p["seeds"] > 1 else ", 1 seed"
+    text = f"{p['label']} {p['lr']}{seeds}" + (", 1 core" if cores and p["cores"] == 1 else "")
+    arrow = {"arrowstyle": "-", "color": color, "lw": 0.7, "shrinkA": 2, "shrinkB": 5} if kind == "at" else None
+    ax.annotate(text, (x, p["gap"]), xytext=(tx, ty), textcoords="data" if kind == "at" else "offset points", ha=ha,
+                va="center", fontsize=8.5, color=color, arrowprops=arrow)  # fmt: skip
+
+
+def _fanned(points: list[dict], low: float, high: float, log: bool, span: float) -> dict[int, tuple]:
+    """Label places for a parameter panel, where methods of nearly the same size stack up: the points within a
+    factor 1.5 of the smallest-but-isolated group get one column of labels just right of the group, in their order
+    of gap closed, evenly spaced between `low` and `high`; every other point keeps the default place."""
+    places: dict[int, tuple] = {}
+    by_size = sorted(range(len(points)), key=lambda i: points[i]["params"])
+    groups: list[list[int]] = []
+    for i in by_size:
+        if groups and points[i]["params"] <= 1.5 * points[groups[-1][0]]["params"]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    for group in (g for g in groups if len(g) > 1):
+        edge = max(points[i]["params"] for i in group)
+        x = edge * 1.8 if log else edge + 0.15 * span
+        order = sorted(group, key=lambda i: -points[i]["gap"])
+        step = (high - low) / max(len(order) - 1, 1)
+        places.update({i: ("at", x, high - rank * step, "left") for rank, i in enumerate(order)})
+    return places
+
+
+def _panel(ax, sparsity: str, points: list[dict], by: str) -> None:
+    """One sparsity's points against training seconds (`by` "secs") or trainable parameters ("params": each method
+    once, at its chosen settings)."""
+    if by == "params":
+        points = [p for p in points if p["main"]]
+    ys = [v for p in points for v in p["gap_range"]] + [TARGETS.get(sparsity, float("nan"))]
+    ys = [y for y in ys if y == y]
+    pad_y = 0.12 * (max(ys) - min(ys) or 4)
+    ax.set_ylim(min(ys) - pad_y, max(ys) + pad_y)
+    xs = [v for p in points for v in p["secs_range"]] if by == "secs" else [p["params"] for p in points]
+    log = by == "params" and max(xs) / min(xs) > 20  # a log axis only where the values span more than a factor of 20
+    if by == "params":
+        span = max(xs) - min(xs) or 0.1
+        right = max(xs) * 12 if log else max(xs) + 0.8 * span
+        bottom, top = ax.get_ylim()
+        places = _fanned(points, bottom + 0.08 * (top - bottom), top - 0.16 * (top - bottom), log, span)
+    for i, p in enumerate(points):
+        color = COLORS.get(p["method"], "black")
+        xerr = yerr = None
+        if p["seeds"] > 1:
+            yerr = [[p["gap"] - p["gap_range"][0]], [p["gap_range"][1] - p["gap"]]]
+            if by == "secs":
+                xerr = [[p["secs"] - p["secs_range"][0]], [p["secs_range"][1] - p["secs"]]]
+        ax.errorbar(p[by], p["gap"], xerr=xerr, yerr=yerr, fmt="o", color=color, ms=6, capsize=3, elinewidth=1.2,
+                    mfc="white" if p["cores"] == 1 and by == "secs" else color)  # fmt: skip
+        place = PLACES.get((sparsity, p["label"], p["lr"]), DEFAULT_PLACE) if by == "secs" else places.get(i, DEFAULT_PLACE)
+        _label(ax, p, p[by], place, color, cores=by == "secs")
+    if sparsity in TARGETS:
+        ax.axhline(TARGETS[sparsity], color="black", lw=0.8, ls="--")
+        ax.annotate(f"SPP target {TARGETS[sparsity]:.0f}% (not met)", (0.98, TARGETS[sparsity]), xycoords=("axes fraction", "data"),
+                    xytext=(0, 3), textcoords="offset points", ha="right", va="bottom", fontsize=8.5)  # fmt: skip
+    if by == "secs":
+        pad_x = 0.12 * (max(xs) - min(xs) or 200)
+        ax.set_xlim(min(xs) - pad_x, max(xs) + pad_x)
+        ax.set_xlabel("training time, seconds (filled: 2 CPU cores; hollow: 1 core)")
+    else:
+        if log:
+            ax.set_xscale("log")
+            ax.set_xlim(min(xs) / 2, right)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        else:
+            ax.set_xlim(min(xs) - 0.1 * span, right)
+        ax.set_xlabel("trainable parameters (millions)")
+    ax.set_title(f"Wanda {sparsity} (SmolLM2-135M, 200 steps)")
+    ax.set_ylabel("WikiText-2 log-perplexity gap closed (%)")
+    ax.grid(True, alpha=0.3)
+
+
 def plot(points: dict[str, list[dict]], out: Path) -> None:
     order = [s for s in ("2:4", "75%") if s in points] + sorted(set(points) - {"2:4", "75%"})
-    fig, axes = plt.subplots(1, len(order), figsize=(6.2 * len(order), 5.0), squeeze=False)
-    for ax, sparsity in zip(axes[0], order):
-        for p in points[sparsity]:
-            color = COLORS.get(p["method"], "black")
-            xerr = yerr = None
-            if p["seeds"] > 1:
-                xerr = [[p["secs"] - p["secs_range"][0]], [p["secs_range"][1] - p["secs"]]]
-                yerr = [[p["gap"] - p["gap_range"][0]], [p["gap_range"][1] - p["gap"]]]
-            ax.errorbar(
-                p["secs"], p["gap"], xerr=xerr, yerr=yerr, fmt="o", color=color, ms=6,
-                capsize=3, elinewidth=1.2,
-            )
-            kind, tx, ty, ha = PLACES.get((sparsity, p["label"], p["lr"]), DEFAULT_PLACE)
-            seeds = f", {p['seeds']} seeds" if p["seeds"] > 1 else ", 1 seed"
-            text = f"{p['label']} {p['lr']}{seeds}"
-            if kind == "at":
-                ax.annotate(
-                    text, (p["secs"], p["gap"]), xytext=(tx, ty), textcoords="data", ha=ha,
-                    va="center", fontsize=8.5, color=color,
-                    arrowprops={"arrowstyle": "-", "color": color, "lw": 0.7, "shrinkA": 2, "shrinkB": 5},
-                )
-            else:
-                ax.annotate(
-                    text, (p["secs"], p["gap"]), xytext=(tx, ty), textcoords="offset points", ha=ha,
-                    va="center", fontsize=8.5, color=color,
-                )
-        if sparsity in TARGETS:
-            ax.axhline(TARGETS[sparsity], color="black", lw=0.8, ls="--")
-            ax.annotate(
-                f"SPP target {TARGETS[sparsity]:.0f}% (not met)", (0.02, TARGETS[sparsity]),
-                xycoords=("axes fraction", "data"), xytext=(0, 3), textcoords="offset points",
-                va="bottom", fontsize=8.5,
-            )
-        xs = [v for p in points[sparsity] for v in p["secs_range"]]
-        ys = [v for p in points[sparsity] for v in p["gap_range"]] + [TARGETS.get(sparsity, float("nan"))]
-        ys = [y for y in ys if y == y]
-        pad_x = 0.12 * (max(xs) - min(xs) or 200)
-        pad_y = 0.12 * (max(ys) - min(ys) or 4)
-        ax.set_xlim(min(xs) - pad_x, max(xs) + pad_x)
-        ax.set_ylim(min(ys) - pad_y, max(ys) + pad_y)
-        ax.set_title(f"Wanda {sparsity} (SmolLM2-135M, 200 steps)")
-        ax.set_xlabel("training time, seconds (2 CPU cores)")
-        ax.set_ylabel("WikiText-2 log-perplexity gap closed (%)")
-        ax.grid(True, alpha=0.3)
+    fig, axes = plt.subplots(2, len(order), figsize=(6.2 * len(order), 10.0), squeeze=False)
+    for col, sparsity in enumerate(order):
+        _panel(axes[0][col], sparsity, points[sparsity], "secs")
+        _panel(axes[1][col], sparsity, points[sparsity], "params")
     fig.suptitle(
-        "Recovery against training time — labels: method, learning rate, seeds; points: mean over seeds, "
-        "bars: min–max",
+        "Recovery against training time and trainable parameters — labels: method, learning rate, seeds; "
+        "points: mean over seeds, bars: min–max",
         fontsize=11,
     )
     fig.tight_layout()

@@ -1,0 +1,37 @@
+"""scripts/plot_results.py draws docs/recovery.png from docs/recovery_runs.csv: the shipped CSV stays readable by it."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CSV = ROOT / "docs" / "recovery_runs.csv"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("plot_results", ROOT / "scripts" / "plot_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_training_row_says_how_it_was_timed_and_whether_it_is_the_methods_choice():
+    with open(CSV, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["train_s"]]
+    assert rows and all(r["train_cores"] in {"1", "2"} and r["main"] in {"0", "1"} for r in rows)
+    for sparsity in {r["sparsity"] for r in rows}:
+        mains = {(r["method"], r["label"]) for r in rows if r["sparsity"] == sparsity and r["main"] == "1"}
+        chosen_rates = {(r["label"], r["lr"]) for r in rows if r["sparsity"] == sparsity and r["main"] == "1"}
+        assert len(chosen_rates) == len({label for label, _ in chosen_rates}), chosen_rates  # one rate per method
+        assert mains
+
+
+def test_plot_groups_seeds_and_draws(tmp_path):
+    plot = load_script()
+    points = plot.load(CSV)
+    spp = next(p for p in points["2:4"] if p["label"] == "SPP" and p["lr"] == "2e-2" and p["cores"] == 2)
+    assert spp["seeds"] == 2 and spp["gap_range"] == (59.1, 59.8) and abs(spp["gap"] - 59.45) < 1e-9
+    plot.plot(points, tmp_path / "recovery.png")
+    assert (tmp_path / "recovery.png").stat().st_size > 10_000
