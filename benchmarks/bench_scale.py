@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import shutil
 import subprocess
@@ -225,6 +226,18 @@ def run_stage(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- the parent
+def evict(folder: Path) -> None:
+    """Drop `folder`'s safetensors files from the page cache (`--cold`: the checkpoint is read from the disk, as a
+    checkpoint larger than memory is)."""
+    for path in folder.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def child(argv: list[str]) -> dict | None:
     done = subprocess.run([sys.executable, __file__, *argv], cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
@@ -292,6 +305,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/spp-bench-scale", help="folder for the checkpoints and outputs")
     parser.add_argument("--plot", default=str(REPO / "docs" / "scale.png"))
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--cold", action="store_true", help="drop the checkpoints from the page cache before each stage")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--make", help=argparse.SUPPRESS)
     parser.add_argument("--make-adapter", help=argparse.SUPPRESS)
@@ -312,6 +326,9 @@ def main() -> None:
         if {"merge", "merge-mem", "save"} & set(args.stages):
             prepare_base(model, folder, work)
         for stage in args.stages:
+            if args.cold:
+                evict(folder)
+                evict(work / f"{model}-base")
             result = child(["--stage", stage, "--path", str(folder), "--work", str(work)])
             row = {"model": model, "stage": stage, "layers": layers, "layer_params": params, **result}
             rows.append(row)
