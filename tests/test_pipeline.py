@@ -173,6 +173,20 @@ def test_pipeline_distils_every_method_from_the_dense_model(tiny_dense, tmp_path
     assert "distilled from the dense model" in (tmp_path / "kd" / "report.md").read_text()
 
 
+def test_report_names_the_loss_of_a_variant_that_distils():
+    """The report's settings line gave the run's loss for every method, though `spp_kd05` distils: each variant whose
+    `set:` changes the loss is named with its own."""
+    from spp_hf.pipeline.report import _settings
+
+    folder = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+    cfg = PipelineConfig.from_yaml(folder / RECOVERY[0], ["methods=[spp, spp_kd05, spp_kd05_feat1]", "seeds=[0]"])
+    runs = variants(cfg)
+    line = _settings(cfg, runs, {v.name: {} for v in runs}, 60.0)[2]
+    assert "tokens of `wiki-pretrain`, language-modelling loss; spp_kd05: loss 0.5·LM + 0.5·KL to the dense model; " in line
+    assert "spp_kd05_feat1: loss 0.5·LM + 0.5·KL to the dense model + 1·feature loss" in line
+    assert "spp:" not in line  # SPP trains with the run's loss
+
+
 def test_pipeline_adds_the_feature_loss_for_every_method(tiny_dense, tmp_path):
     """train.distill_feature_weight: the KL plus the normalised hidden-state MSE, for SPP and masked LoRA alike;
     every merged model keeps the pruned base's zeros."""

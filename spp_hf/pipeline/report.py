@@ -16,7 +16,7 @@ from ..storage import atomic_write_text, read_sparsity_json, sparsity_fingerprin
 from .config import PipelineConfig
 from .layout import RunLayout
 from .results import WIKITEXT2, EvalRecord, gap_closed
-from .variants import BASELINES, Variant
+from .variants import BASELINES, Variant, variant_config
 
 TEXT_LABELS = {WIKITEXT2: "WikiText-2", "wiki-validation": "Wikipedia val.", "c4-heldout": "C4 held-out"}
 
@@ -246,13 +246,24 @@ def write_report(cfg: PipelineConfig, runs: Sequence[Variant], results: dict[str
     return layout.report
 
 
+def _objectives(cfg: PipelineConfig, runs: Sequence[Variant]) -> str:
+    """The run's training loss, and each variant's where its `set:` changes it (e.g. `spp_kd05` distils)."""
+    base = _objective(cfg.train.distill_weight, cfg.train.distill_feature_weight)
+    own = {}
+    for v in runs:
+        t = variant_config(cfg, v.overrides, v.seed).train
+        if (text := _objective(t.distill_weight, t.distill_feature_weight)) != base:
+            own[v.entry] = text
+    return base + "".join(f"; {entry}: {text}" for entry, text in sorted(own.items()))
+
+
 def _settings(cfg: PipelineConfig, runs: Sequence[Variant], metrics: dict[str, dict], seconds: float) -> list[str]:
     rates = sorted({f"{v.entry} lr {m['learning_rate']:g}" for v in runs if (m := metrics[v.name])})
     return [f"# spp-hf run `{cfg.name}`", "",
             f"Model `{cfg.model}`, pruned with {cfg.prune.method} {cfg.prune.sparsity} "
             f"({cfg.prune.nsamples} × {cfg.prune.seqlen} calibration tokens of `{cfg.prune.calibration}`). "
             f"Every method: {cfg.train.max_steps} steps × {cfg.train.batch_size * cfg.train.grad_accum} × "
-            f"{cfg.train.max_length} tokens of `{cfg.train.data}`{_epochs(metrics)}, {_objective(cfg.train.distill_weight, cfg.train.distill_feature_weight)}; "
+            f"{cfg.train.max_length} tokens of `{cfg.train.data}`{_epochs(metrics)}, {_objectives(cfg, runs)}; "
             f"SPP r={cfg.train.r}, s={cfg.train.scale}, dropout {cfg.train.dropout}; LoRA r={cfg.lora.r}, "
             f"alpha {cfg.lora.lora_alpha}; {', '.join(rates) or 'no method trained'}. "
             f"Wall time of this invocation: {seconds / 60:.1f} min.", ""]  # fmt: skip
