@@ -30,6 +30,9 @@ COLORS = {
     "lora_star": "#d62728",
     "masked_lora": "#2ca02c",
     "masked_full": "#7f7f7f",
+    "hira": "#9467bd",
+    "ia3": "#ff7f0e",
+    "masked_lokr": "#8c564b",
 }
 # Targets stated for SPP in docs/results.md (share of the WikiText-2 gap closed), per sparsity.
 TARGETS = {"2:4": 65.0}
