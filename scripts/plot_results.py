@@ -49,6 +49,7 @@ PLACES = {
     ("2:4", "masked LoRA", "6e-3"): ("pt", 8, 0, "left"),
     ("2:4", "SPP 320 steps", "2e-2"): ("pt", 0, 10, "center"),
     ("2:4", "SPP dropout 0.05", "2e-2"): ("at", 2520, 55.0, "center"),
+    ("2:4", "HiRA", "2e-2"): ("at", 3560, 53.6, "right"),
     ("75%", "SPP", "2e-2"): ("pt", 10, 0, "left"),
     ("75%", "LoRA*", "3e-3"): ("pt", 0, 12, "center"),
     ("75%", "masked LoRA", "3e-3"): ("pt", -10, 0, "right"),
