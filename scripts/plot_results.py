@@ -48,8 +48,10 @@ PLACES = {
     ("2:4", "masked full FT", "1e-4"): ("at", 1720, 56.4, "left"),
     ("2:4", "masked LoRA", "6e-3"): ("pt", 8, 0, "left"),
     ("2:4", "SPP 320 steps", "2e-2"): ("pt", 0, 10, "center"),
-    ("2:4", "SPP dropout 0.05", "2e-2"): ("at", 2520, 55.0, "center"),
-    ("2:4", "HiRA", "2e-2"): ("at", 3560, 53.6, "right"),
+    ("2:4", "SPP dropout 0.05", "2e-2"): ("at", 3550, 59.6, "right"),
+    ("2:4", "HiRA", "2e-2"): ("at", 3560, 54.6, "right"),
+    ("2:4", "IA³", "1e-2"): ("at", 1800, 50.3, "left"),
+    ("2:4", "masked LoKr", "1e-2"): ("at", 2380, 53.2, "left"),
     ("75%", "SPP", "2e-2"): ("pt", 10, 0, "left"),
     ("75%", "LoRA*", "3e-3"): ("pt", 0, 12, "center"),
     ("75%", "masked LoRA", "3e-3"): ("pt", -10, 0, "right"),
@@ -100,8 +102,11 @@ def _label(ax, p: dict, x: float, place: tuple, color: str, cores: bool) -> None
 
 def _fanned(points: list[dict], low: float, high: float, log: bool, span: float) -> dict[int, tuple]:
     """Label places for a parameter panel, where methods of nearly the same size stack up: the points within a
-    factor 1.5 of the smallest-but-isolated group get one column of labels just right of the group, in their order
-    of gap closed, evenly spaced between `low` and `high`; every other point keeps the default place."""
+    factor 1.5 of each other get one column of labels just right of the group, in their order of gap closed, one
+    row apart (the largest group's column fills `low`..`high`), near the group's mean gap so a small group's labels
+    stay beside its points, and between the largest column's rows so that neighbouring columns' labels do not run
+    into each other. A smaller group whose gaps are half a row apart or more, and every other point, keeps the
+    default place."""
     places: dict[int, tuple] = {}
     by_size = sorted(range(len(points)), key=lambda i: points[i]["params"])
     groups: list[list[int]] = []
@@ -110,12 +115,20 @@ def _fanned(points: list[dict], low: float, high: float, log: bool, span: float)
             groups[-1].append(i)
         else:
             groups.append([i])
-    for group in (g for g in groups if len(g) > 1):
+    stacked = [g for g in groups if len(g) > 1]
+    largest = max(stacked, key=len, default=[])
+    slot = (high - low) / max(len(largest) - 1, 1)
+    for group in stacked:
+        gaps = sorted(points[i]["gap"] for i in group)
+        if group is not largest and min(b - a for a, b in zip(gaps, gaps[1:])) >= slot / 2:
+            continue  # far enough apart for the default places
         edge = max(points[i]["params"] for i in group)
         x = edge * 1.8 if log else edge + 0.15 * span
         order = sorted(group, key=lambda i: -points[i]["gap"])
-        step = (high - low) / max(len(order) - 1, 1)
-        places.update({i: ("at", x, high - rank * step, "left") for rank, i in enumerate(order)})
+        shift = 0.0 if group is largest else 0.5  # other columns' labels fall between the largest column's rows
+        first = round((high - sum(points[i]["gap"] for i in group) / len(group)) / slot - (len(order) - 1) / 2 - shift) + shift
+        first = min(max(first, 0.0 + shift), (high - low) / slot - (len(order) - 1) - shift)
+        places.update({i: ("at", x, high - (first + rank) * slot, "left") for rank, i in enumerate(order)})
     return places
 
 

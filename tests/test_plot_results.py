@@ -35,3 +35,16 @@ def test_plot_groups_seeds_and_draws(tmp_path):
     assert spp["seeds"] == 2 and spp["gap_range"] == (59.1, 59.8) and abs(spp["gap"] - 59.45) < 1e-9
     plot.plot(points, tmp_path / "recovery.png")
     assert (tmp_path / "recovery.png").stat().st_size > 10_000
+
+
+def test_fanned_labels_separate_a_stack_and_leave_a_spread_out_pair_beside_its_points():
+    plot = load_script()
+    stack = [{"params": 2.5, "gap": g} for g in (62.0, 59.4, 58.9, 56.6)]  # one size, labels would overlap
+    pair = [{"params": 0.18, "gap": 52.1}, {"params": 0.22, "gap": 55.0}]  # one size, gaps far apart
+    places = plot._fanned(stack + pair, 50.0, 62.0, log=True, span=2.3)
+    assert set(places) == {0, 1, 2, 3}
+    rows = [places[i][2] for i in range(4)]
+    assert rows == sorted(rows, reverse=True) and rows[0] == 62.0 and abs(rows[-1] - 50.0) < 1e-9
+    close_pair = [{"params": 0.18, "gap": 52.1}, {"params": 0.22, "gap": 52.3}]
+    places = plot._fanned(stack + close_pair, 50.0, 62.0, log=True, span=2.3)
+    assert {4, 5} <= set(places) and abs(places[4][2] - places[5][2]) > 3.9  # one row (4.0) apart
