@@ -128,8 +128,9 @@ def _fanned(points: list[dict], low: float, high: float, log: bool, span: float)
         x = edge * 1.8 if log else edge + 0.15 * span
         order = sorted(group, key=lambda i: -points[i]["gap"])
         shift = 0.0 if group is largest else 0.5  # other columns' labels fall between the largest column's rows
-        first = round((high - sum(points[i]["gap"] for i in group) / len(group)) / slot - (len(order) - 1) / 2 - shift) + shift
-        first = min(max(first, 0.0 + shift), (high - low) / slot - (len(order) - 1) - shift)
+        mean_row = (high - sum(gaps) / len(gaps)) / slot  # the group's mean gap, in rows below `high`
+        first = round(mean_row - (len(order) - 1) / 2 - shift) + shift
+        first = min(max(first, shift), (high - low) / slot - (len(order) - 1) - shift)
         places.update({i: ("at", x, high - (first + rank) * slot, "left") for rank, i in enumerate(order)})
     return places
 
