@@ -21,14 +21,17 @@ where links fail) into it, every file and folder is fsync'ed, then:
   which readers read (`readable_folder`) and the next writer renames back.
 
 Temporary entries carry spp-hf's mark in their names (`.<name>.spp-hf-staging-…`, `.<name>.spp-hf-old-…`,
-`.<name>.spp-hf-tmp-…`); only such names are ever removed or renamed back, and only by the next writer of
-the same target, never by a reader. Output paths are resolved first (`.`, `~`, symlinks), so a symlinked
-output folder keeps pointing at the new folder.
+`.<name>.spp-hf-tmp-…`), followed by the writing process (pid and start time); only such names are ever
+removed or renamed back, only by the next writer of the same target, never by a reader, and only once the
+process that made them is gone: two processes writing one file (two `spp-hf run` of one config, each training
+another method, both write its config.json) never remove each other's temporary entries; the last rename
+wins. Output paths are resolved first (`.`, `~`, symlinks), so a symlinked output folder keeps pointing at the
+new folder.
 
 An adapter's config and weights live in one folder that is swapped as a whole, and the weights file
 records the sha256 of the config bytes it was saved with (`spp_config_sha256` in the safetensors
 metadata); `read_adapter_files` refuses a pair from two different saves (a folder written in place,
-like a Trainer checkpoint, could otherwise mix them). One writer per target at a time is assumed.
+like a Trainer checkpoint, could otherwise mix them).
 
 A sparse-PEFT adapter is written the same way under PEFT's names (`adapter_config.json`,
 `adapter_model.safetensors`) plus spp-hf's record of its base (`spp_sparse_peft.json`); its weights file
@@ -147,13 +150,49 @@ def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 # --------------------------------------------------------------------------- spp-hf's own temporary names
+def _process_start(pid: int) -> int:
+    """When process `pid` started (clock ticks since boot, from /proc; 0 where there is none): with the pid it
+    names one process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_WRITER_IN_NAME = re.compile(r"(\d+)-(\d+)-[0-9a-f]{12}")
+
+
 def _own_sibling(path: Path, what: str) -> Path:
-    """A fresh name beside `path` that marks a temporary entry as spp-hf's: `.<name>.spp-hf-<what>-<random>`."""
-    return path.parent / f".{path.name}{_OWN_MARK}{what}-{secrets.token_hex(6)}"
+    """A fresh name beside `path` that marks a temporary entry as spp-hf's and names the process writing it:
+    `.<name>.spp-hf-<what>-<pid>-<start>-<random>`."""
+    pid = os.getpid()
+    return path.parent / f".{path.name}{_OWN_MARK}{what}-{pid}-{_process_start(pid)}-{secrets.token_hex(6)}"
 
 
 def _own_siblings(path: Path, what: str) -> list[Path]:
     return sorted(path.parent.glob(f".{glob.escape(path.name)}{_OWN_MARK}{what}-*"))
+
+
+def _writer_alive(entry: Path, what: str) -> bool:
+    """Whether the process that named `entry` still runs (another process writing the same target, or another
+    thread of this one): its temporary entry is not a leftover. A name without a writer is a leftover."""
+    found = _WRITER_IN_NAME.fullmatch(entry.name.rsplit(f"{_OWN_MARK}{what}-", 1)[-1])
+    if found is None:
+        return False
+    pid, start = int(found[1]), int(found[2])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return _process_start(pid) == start
+
+
+def _leftovers(path: Path, what: str) -> list[Path]:
+    """spp-hf's temporary entries of kind `what` beside `path` whose writer is gone (killed): safe to remove."""
+    return [entry for entry in _own_siblings(path, what) if not _writer_alive(entry, what)]
 
 
 def resolve_target(path: str | os.PathLike) -> Path:
@@ -174,9 +213,9 @@ def _clean_leftovers(path: Path) -> None:
     """Remove what a killed writer of `path` left (only names spp-hf marked as its own); writers call it, never
     readers. A set-aside old folder is renamed back when `path` itself is missing (a kill between the two
     renames of the rename-aside path), else removed."""
-    for staging in _own_siblings(path, "staging"):
+    for staging in _leftovers(path, "staging"):
         shutil.rmtree(staging, ignore_errors=True)
-    for aside in _own_siblings(path, "old"):
+    for aside in _leftovers(path, "old"):
         if not os.path.lexists(path):
             os.rename(aside, path)
             fsync_dir(path.parent)
@@ -303,7 +342,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in _own_siblings(path, "tmp"):
+    for leftover in _leftovers(path, "tmp"):
         leftover.unlink(missing_ok=True)
     tmp = _own_sibling(path, "tmp")
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
@@ -785,7 +824,7 @@ class PartialModelFolder:
         the tensors. At most one part is pending; `flush` waits for it."""
         self.flush()
         path = self.path(part)
-        for leftover in _own_siblings(path, "tmp"):
+        for leftover in _leftovers(path, "tmp"):
             leftover.unlink(missing_ok=True)
         self._pending = self._writer.submit(_write_part, _plain_tensors(tensors), _own_sibling(path, "tmp"), path)
 

@@ -213,6 +213,60 @@ def test_a_killed_writers_staging_folder_is_removed_by_the_next_writer(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
+def _forked(work) -> int:
+    """Run `work()` in a forked child; its exit code (0 when it returned)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            work()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def test_two_live_writers_of_one_file_never_remove_each_others_temp_files(tmp_path):
+    """Two `spp-hf run` processes on one config (one method each) both write its config.json: one crashed with
+    FileNotFoundError on its temp file, because every writer removed all temp files beside the target, a live
+    writer's included. Only a dead writer's temp files are leftovers."""
+    target = tmp_path / "config.json"
+
+    def writer(i: int):
+        return lambda: [storage.atomic_write_text(target, f"{i} {n}") for n in range(300)]
+
+    pids = [_forked(writer(i)) for i in range(2)]
+    assert [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids] == [0, 0]
+    assert target.read_text().split()[1] == "299"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_a_live_writers_staging_folder_is_left_alone(tmp_path):
+    """A folder writer in another live process keeps its staging folder; once that process is gone, the next
+    writer removes it."""
+    write_adapter_folder(tmp_path / "a", {"r": 1}, {"w": torch.ones(2)})
+    ready, done = os.pipe(), os.pipe()
+
+    def slow_writer():
+        with atomic_dir(tmp_path / "a") as staging:
+            (staging / "big.bin").write_bytes(b"x" * 1000)
+            os.write(ready[1], b"1")
+            os.read(done[0], 1)
+
+    pid = _forked(slow_writer)
+    try:
+        os.read(ready[0], 1)
+        write_adapter_folder(tmp_path / "a", {"r": 2}, {"w": torch.ones(2)})
+        staging = [p for p in tmp_path.iterdir() if ".spp-hf-staging-" in p.name]
+        assert len(staging) == 1 and (staging[0] / "big.bin").is_file()
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    write_adapter_folder(tmp_path / "a", {"r": 3}, {"w": torch.ones(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert read_adapter_files(tmp_path / "a")[0] == {"r": 3}
+
+
 def test_failed_block_leaves_the_old_folder(tmp_path):
     write_adapter_folder(tmp_path / "a", {"r": 1}, {"w": torch.ones(2)})
     with pytest.raises(RuntimeError), atomic_dir(tmp_path / "a") as staging:
