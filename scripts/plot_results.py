@@ -2,7 +2,8 @@
 parameters.
 
 Reads docs/recovery_runs.csv (one row per training run, plus the dense and pruned reference rows) and
-writes docs/recovery.png: one column per sparsity, training seconds in the top row and trainable parameters in
+writes docs/recovery.png: one column per pruned base (pruner and sparsity: the gap closed is measured against
+that base), training seconds in the top row and trainable parameters in
 the bottom row, one point per method and learning rate (the mean over seeds, with min–max bars in both directions
 where there are several seeds), each labelled by name. The parameter panels show each method once, at its
 chosen settings (`main` 1: the rate the validation split picked, default dropout and steps). Runs timed on one core (`train_cores` 1: pinned to one
@@ -34,48 +35,50 @@ COLORS = {
     "ia3": "#ff7f0e",
     "masked_lokr": "#8c564b",
 }
-# Targets stated for SPP in docs/results.md (share of the WikiText-2 gap closed), per sparsity.
-TARGETS = {"2:4": 65.0}
+PRUNERS = {"wanda": "Wanda", "sparsegpt": "SparseGPT"}
+# Targets stated for SPP in docs/results.md (share of the WikiText-2 gap closed), per pruned base.
+TARGETS = {"Wanda 2:4": 65.0}
 # Label placement for the points of the shipped CSV, so labels stay off each other and off the error
 # bars: ("pt", dx, dy, ha) puts the label that many points from its marker; ("at", x, y, ha) puts it at
 # those data coordinates with a thin leader line to its marker. Any other point gets the default.
 PLACES = {
-    ("2:4", "LoRA*", "3e-3"): ("at", 1150, 62.6, "left"),
-    ("2:4", "SPP", "2e-2"): ("at", 1480, 63.6, "left"),
-    ("2:4", "masked LoRA", "3e-3"): ("at", 1720, 62.0, "left"),
-    ("2:4", "LoRA*", "6e-3"): ("at", 1150, 56.0, "left"),
-    ("2:4", "masked full FT", "1e-3"): ("at", 1720, 57.6, "left"),
-    ("2:4", "masked full FT", "1e-4"): ("at", 1720, 56.4, "left"),
-    ("2:4", "masked LoRA", "6e-3"): ("pt", 8, 0, "left"),
-    ("2:4", "SPP 320 steps", "2e-2"): ("pt", 0, 10, "center"),
-    ("2:4", "SPP dropout 0.05", "2e-2"): ("at", 3600, 57.9, "right"),
-    ("2:4", "SPP + 0.5 KL", "2e-2"): ("at", 3600, 63.5, "right"),
-    ("2:4", "masked LoRA + 0.5 KL", "3e-3"): ("at", 3600, 59.4, "right"),
-    ("2:4", "HiRA", "2e-2"): ("at", 3560, 54.6, "right"),
-    ("2:4", "IA³", "1e-2"): ("at", 1800, 50.3, "left"),
-    ("2:4", "masked LoKr", "1e-2"): ("at", 2380, 53.2, "left"),
-    ("75%", "SPP", "2e-2"): ("pt", 10, 0, "left"),
-    ("75%", "LoRA*", "3e-3"): ("pt", 0, 12, "center"),
-    ("75%", "masked LoRA", "3e-3"): ("pt", -10, 0, "right"),
+    ("Wanda 2:4", "LoRA*", "3e-3"): ("at", 1150, 62.6, "left"),
+    ("Wanda 2:4", "SPP", "2e-2"): ("at", 1480, 63.6, "left"),
+    ("Wanda 2:4", "masked LoRA", "3e-3"): ("at", 1720, 62.0, "left"),
+    ("Wanda 2:4", "LoRA*", "6e-3"): ("at", 1150, 56.0, "left"),
+    ("Wanda 2:4", "masked full FT", "1e-3"): ("at", 1720, 57.6, "left"),
+    ("Wanda 2:4", "masked full FT", "1e-4"): ("at", 1720, 56.4, "left"),
+    ("Wanda 2:4", "masked LoRA", "6e-3"): ("pt", 8, 0, "left"),
+    ("Wanda 2:4", "SPP 320 steps", "2e-2"): ("pt", 0, 10, "center"),
+    ("Wanda 2:4", "SPP dropout 0.05", "2e-2"): ("at", 3600, 57.9, "right"),
+    ("Wanda 2:4", "SPP + 0.5 KL", "2e-2"): ("at", 3600, 63.5, "right"),
+    ("Wanda 2:4", "masked LoRA + 0.5 KL", "3e-3"): ("at", 3600, 59.4, "right"),
+    ("Wanda 2:4", "HiRA", "2e-2"): ("at", 3560, 54.6, "right"),
+    ("Wanda 2:4", "IA³", "1e-2"): ("at", 1800, 50.3, "left"),
+    ("Wanda 2:4", "masked LoKr", "1e-2"): ("at", 2380, 53.2, "left"),
+    ("Wanda 75%", "SPP", "2e-2"): ("pt", 10, 0, "left"),
+    ("Wanda 75%", "LoRA*", "3e-3"): ("pt", 0, 12, "center"),
+    ("Wanda 75%", "masked LoRA", "3e-3"): ("pt", -10, 0, "right"),
 }
 DEFAULT_PLACE = ("pt", 8, 4, "left")
 
 
 def load(path: Path) -> dict[str, list[dict]]:
-    """Group the training runs of the CSV by sparsity, then by (label, lr): mean and min–max."""
+    """Group the training runs of the CSV by pruned base ("Wanda 2:4"), then by (label, lr): mean and min–max."""
     runs: dict[str, dict[tuple[str, str], list[dict]]] = defaultdict(lambda: defaultdict(list))
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             if not row["train_s"]:  # dense and pruned reference rows
                 continue
-            runs[row["sparsity"]][(row["label"], row["lr"], row.get("train_cores") or "2")].append(row)
+            base = f"{PRUNERS[row['pruner']]} {row['sparsity']}"
+            runs[base][(row["label"], row["lr"], row.get("train_cores") or "2")].append(row)
     points: dict[str, list[dict]] = {}
-    for sparsity, groups in runs.items():
-        points[sparsity] = []
+    for base, groups in runs.items():
+        points[base] = []
         for (label, lr, cores), rows in groups.items():
             gaps = [float(r["wikitext2_gap"]) for r in rows]
             secs = [float(r["train_s"]) for r in rows]
-            points[sparsity].append(
+            points[base].append(
                 {
                     "label": label,
                     "lr": lr,
@@ -135,12 +138,12 @@ def _fanned(points: list[dict], low: float, high: float, log: bool, span: float)
     return places
 
 
-def _panel(ax, sparsity: str, points: list[dict], by: str) -> None:
-    """One sparsity's points against training seconds (`by` "secs") or trainable parameters ("params": each method
+def _panel(ax, base: str, points: list[dict], by: str) -> None:
+    """One pruned base's points against training seconds (`by` "secs") or trainable parameters ("params": each method
     once, at its chosen settings)."""
     if by == "params":
         points = [p for p in points if p["main"]]
-    ys = [v for p in points for v in p["gap_range"]] + [TARGETS.get(sparsity, float("nan"))]
+    ys = [v for p in points for v in p["gap_range"]] + [TARGETS.get(base, float("nan"))]
     ys = [y for y in ys if y == y]
     pad_y = 0.12 * (max(ys) - min(ys) or 4)
     ax.set_ylim(min(ys) - pad_y, max(ys) + pad_y)
@@ -160,11 +163,11 @@ def _panel(ax, sparsity: str, points: list[dict], by: str) -> None:
                 xerr = [[p["secs"] - p["secs_range"][0]], [p["secs_range"][1] - p["secs"]]]
         ax.errorbar(p[by], p["gap"], xerr=xerr, yerr=yerr, fmt="o", color=color, ms=6, capsize=3, elinewidth=1.2,
                     mfc="white" if p["cores"] == 1 and by == "secs" else color)  # fmt: skip
-        place = PLACES.get((sparsity, p["label"], p["lr"]), DEFAULT_PLACE) if by == "secs" else places.get(i, DEFAULT_PLACE)
+        place = PLACES.get((base, p["label"], p["lr"]), DEFAULT_PLACE) if by == "secs" else places.get(i, DEFAULT_PLACE)
         _label(ax, p, p[by], place, color, cores=by == "secs")
-    if sparsity in TARGETS:
-        ax.axhline(TARGETS[sparsity], color="black", lw=0.8, ls="--")
-        ax.annotate(f"SPP target {TARGETS[sparsity]:.0f}% (not met)", (0.98, TARGETS[sparsity]), xycoords=("axes fraction", "data"),
+    if base in TARGETS:
+        ax.axhline(TARGETS[base], color="black", lw=0.8, ls="--")
+        ax.annotate(f"SPP target {TARGETS[base]:.0f}% (not met)", (0.98, TARGETS[base]), xycoords=("axes fraction", "data"),
                     xytext=(0, 3), textcoords="offset points", ha="right", va="bottom", fontsize=8.5)  # fmt: skip
     if by == "secs":
         pad_x = 0.12 * (max(xs) - min(xs) or 200)
@@ -178,17 +181,18 @@ def _panel(ax, sparsity: str, points: list[dict], by: str) -> None:
         else:
             ax.set_xlim(min(xs) - 0.1 * span, right)
         ax.set_xlabel("trainable parameters (millions)")
-    ax.set_title(f"Wanda {sparsity} (SmolLM2-135M, 200 steps)")
+    ax.set_title(f"{base} (SmolLM2-135M, 200 steps)")
     ax.set_ylabel("WikiText-2 log-perplexity gap closed (%)")
     ax.grid(True, alpha=0.3)
 
 
 def plot(points: dict[str, list[dict]], out: Path) -> None:
-    order = [s for s in ("2:4", "75%") if s in points] + sorted(set(points) - {"2:4", "75%"})
+    shipped = ("Wanda 2:4", "SparseGPT 2:4", "Wanda 75%")
+    order = [b for b in shipped if b in points] + sorted(set(points) - set(shipped))
     fig, axes = plt.subplots(2, len(order), figsize=(6.2 * len(order), 10.0), squeeze=False)
-    for col, sparsity in enumerate(order):
-        _panel(axes[0][col], sparsity, points[sparsity], "secs")
-        _panel(axes[1][col], sparsity, points[sparsity], "params")
+    for col, base in enumerate(order):
+        _panel(axes[0][col], base, points[base], "secs")
+        _panel(axes[1][col], base, points[base], "params")
     fig.suptitle(
         "Recovery against training time and trainable parameters — labels: method, learning rate, seeds; "
         "points: mean over seeds, bars: min–max",

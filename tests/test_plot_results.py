@@ -21,9 +21,11 @@ def test_every_training_row_says_how_it_was_timed_and_whether_it_is_the_methods_
     with open(CSV, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["train_s"]]
     assert rows and all(r["train_cores"] in {"1", "2"} and r["main"] in {"0", "1"} for r in rows)
-    for sparsity in {r["sparsity"] for r in rows}:
-        mains = {(r["method"], r["label"]) for r in rows if r["sparsity"] == sparsity and r["main"] == "1"}
-        chosen_rates = {(r["label"], r["lr"]) for r in rows if r["sparsity"] == sparsity and r["main"] == "1"}
+    assert {r["pruner"] for r in rows} <= set(load_script().PRUNERS)
+    for base in {(r["pruner"], r["sparsity"]) for r in rows}:
+        chosen = [r for r in rows if (r["pruner"], r["sparsity"]) == base and r["main"] == "1"]
+        mains = {(r["method"], r["label"]) for r in chosen}
+        chosen_rates = {(r["label"], r["lr"]) for r in chosen}
         assert len(chosen_rates) == len({label for label, _ in chosen_rates}), chosen_rates  # one rate per method
         assert mains
 
@@ -31,7 +33,7 @@ def test_every_training_row_says_how_it_was_timed_and_whether_it_is_the_methods_
 def test_plot_groups_seeds_and_draws(tmp_path):
     plot = load_script()
     points = plot.load(CSV)
-    spp = next(p for p in points["2:4"] if p["label"] == "SPP" and p["lr"] == "2e-2" and p["cores"] == 2)
+    spp = next(p for p in points["Wanda 2:4"] if p["label"] == "SPP" and p["lr"] == "2e-2" and p["cores"] == 2)
     assert spp["seeds"] == 2 and spp["gap_range"] == (59.1, 59.8) and abs(spp["gap"] - 59.45) < 1e-9
     plot.plot(points, tmp_path / "recovery.png")
     assert (tmp_path / "recovery.png").stat().st_size > 10_000
