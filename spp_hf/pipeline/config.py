@@ -81,15 +81,15 @@ class MaskedFullSettings:
 @dataclass
 class PeftSettings:
     """PEFT's own adapters on the pruned base with its zeros kept (`spp_hf.get_sparse_peft_model`): HiRA and IA³
-    keep zeros by construction, LoKr through the masked update. HiRA's rate is the one the Wikipedia validation
-    split picked at Wanda 2:4 (docs/results.md); IA³'s and LoKr's are untuned first guesses: tune each on
-    wiki-validation."""
+    keep zeros by construction, LoKr through the masked update. The rates are the ones the Wikipedia validation
+    split picked at Wanda 2:4, each bracketed by a 60-step sweep (docs/results.md); at another sparsity or
+    model, tune them on wiki-validation."""
 
     r: int = 8  # HiRA's and LoKr's rank (IA³ has none)
     lokr_alpha: int = 16
     hira_learning_rate: float = 2e-2
     ia3_learning_rate: float = 1e-2
-    lokr_learning_rate: float = 3e-3
+    lokr_learning_rate: float = 1e-2
 
 
 @dataclass
