@@ -6,8 +6,9 @@ writes docs/recovery.png: one column per pruned base (pruner and sparsity: the g
 that base), training seconds in the top row and trainable parameters in
 the bottom row, one point per method and learning rate (the mean over seeds, with min–max bars in both directions
 where there are several seeds), each labelled by name. The parameter panels show each method once, at its
-chosen settings (`main` 1: the rate the validation split picked, default dropout and steps). Runs timed on one core (`train_cores` 1: pinned to one
-core while another run used the other) are drawn hollow and say so: their seconds are not 2-core seconds.
+chosen settings (`main` 1: the rate the validation split picked, default dropout and steps). Runs timed on one
+core (`train_cores` 1: pinned to one core while another run used the other) are drawn hollow, as the axis label
+says: their seconds are not 2-core seconds.
 
     .venv/bin/python scripts/plot_results.py [--csv docs/recovery_runs.csv] [--out docs/recovery.png]
 """
@@ -51,8 +52,10 @@ PLACES = {
     ("Wanda 2:4", "masked LoRA", "6e-3"): ("pt", 8, 0, "left"),
     ("Wanda 2:4", "SPP 320 steps", "2e-2"): ("pt", 0, 10, "center"),
     ("Wanda 2:4", "SPP dropout 0.05", "2e-2"): ("at", 3600, 57.9, "right"),
-    ("Wanda 2:4", "SPP + 0.5 KL", "2e-2"): ("at", 3600, 63.5, "right"),
-    ("Wanda 2:4", "masked LoRA + 0.5 KL", "3e-3"): ("at", 3600, 59.4, "right"),
+    ("Wanda 2:4", "SPP + 0.5 KL", "2e-2"): ("at", 1750, 64.5, "left"),
+    ("Wanda 2:4", "SPP + 0.5 KL + feature", "2e-2"): ("at", 3000, 63.9, "left"),
+    ("Wanda 2:4", "masked LoRA + 0.5 KL", "3e-3"): ("at", 4230, 59.0, "right"),
+    ("Wanda 2:4", "HiRA + 0.5 KL", "2e-2"): ("at", 4230, 61.7, "right"),
     ("Wanda 2:4", "HiRA", "2e-2"): ("at", 3560, 54.6, "right"),
     ("Wanda 2:4", "IA³", "1e-2"): ("at", 1800, 50.3, "left"),
     ("Wanda 2:4", "masked LoKr", "1e-2"): ("at", 2380, 53.2, "left"),
@@ -96,10 +99,10 @@ def load(path: Path) -> dict[str, list[dict]]:
     return points
 
 
-def _label(ax, p: dict, x: float, place: tuple, color: str, cores: bool) -> None:
+def _label(ax, p: dict, x: float, place: tuple, color: str) -> None:
     kind, tx, ty, ha = place
-    seeds = f", {p['seeds']} seeds" if p["seeds"] > 1 else ", 1 seed"
-    text = f"{p['label']} {p['lr']}{seeds}" + (", 1 core" if cores and p["cores"] == 1 else "")
+    seeds = f", {p['seeds']} seeds" if p["seeds"] > 1 else ""
+    text = f"{p['label']} {p['lr']}{seeds}"
     arrow = {"arrowstyle": "-", "color": color, "lw": 0.7, "shrinkA": 2, "shrinkB": 5} if kind == "at" else None
     ax.annotate(text, (x, p["gap"]), xytext=(tx, ty), textcoords="data" if kind == "at" else "offset points", ha=ha,
                 va="center", fontsize=8.5, color=color, arrowprops=arrow)  # fmt: skip
@@ -164,7 +167,7 @@ def _panel(ax, base: str, points: list[dict], by: str) -> None:
         ax.errorbar(p[by], p["gap"], xerr=xerr, yerr=yerr, fmt="o", color=color, ms=6, capsize=3, elinewidth=1.2,
                     mfc="white" if p["cores"] == 1 and by == "secs" else color)  # fmt: skip
         place = PLACES.get((base, p["label"], p["lr"]), DEFAULT_PLACE) if by == "secs" else places.get(i, DEFAULT_PLACE)
-        _label(ax, p, p[by], place, color, cores=by == "secs")
+        _label(ax, p, p[by], place, color)
     if base in TARGETS:
         ax.axhline(TARGETS[base], color="black", lw=0.8, ls="--")
         ax.annotate(f"SPP target {TARGETS[base]:.0f}% (not met)", (0.98, TARGETS[base]), xycoords=("axes fraction", "data"),
@@ -194,8 +197,8 @@ def plot(points: dict[str, list[dict]], out: Path) -> None:
         _panel(axes[0][col], base, points[base], "secs")
         _panel(axes[1][col], base, points[base], "params")
     fig.suptitle(
-        "Recovery against training time and trainable parameters — labels: method, learning rate, seeds; "
-        "points: mean over seeds, bars: min–max",
+        "Recovery against training time and trainable parameters — labels: method, learning rate, seeds (one where "
+        "not said); points: mean over seeds, bars: min–max",
         fontsize=11,
     )
     fig.tight_layout()
