@@ -3,9 +3,9 @@ parameters.
 
 Reads docs/recovery_runs.csv (one row per training run, plus the dense and pruned reference rows) and
 writes docs/recovery.png: one column per pruned base (pruner and sparsity: the gap closed is measured against
-that base), training seconds in the top row and trainable parameters in
-the bottom row, one point per method and learning rate (the mean over seeds, with min–max bars in both directions
-where there are several seeds), each labelled by name. The parameter panels show each method once, at its
+that base), training seconds in the top row and trainable parameters in the bottom row, one point per method
+and learning rate (the mean over seeds, with min–max bars in both directions where there are several seeds),
+each labelled by name. The parameter panels show each method once, at its
 chosen settings (`main` 1: the rate the validation split picked, default dropout and steps). Runs timed on one
 core (`train_cores` 1: pinned to one core while another run used the other) are drawn hollow, as the axis label
 says: their seconds are not 2-core seconds.

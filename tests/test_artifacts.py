@@ -196,23 +196,6 @@ def test_an_interrupted_rename_aside_is_read_in_place_and_put_back_by_the_next_w
     assert read_adapter_files(tmp_path / "a")[0] == {"r": 2} and not aside.exists()
 
 
-def test_a_killed_writers_staging_folder_is_removed_by_the_next_writer(tmp_path):
-    """Review item 12: `.<name>.staging-*` (a whole model copy for merged models) stayed forever."""
-    write_adapter_folder(tmp_path / "a", {"r": 1}, {"w": torch.ones(2)})
-    pid = os.fork()
-    if pid == 0:  # a writer killed after it filled its staging folder
-        try:
-            with atomic_dir(tmp_path / "a") as staging:
-                (staging / "big.bin").write_bytes(b"x" * 1000)
-                os.kill(os.getpid(), 9)
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
-    assert len(list(tmp_path.iterdir())) == 2
-    write_adapter_folder(tmp_path / "a", {"r": 2}, {"w": torch.ones(2)})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
-
-
 def _forked(work) -> int:
     """Run `work()` in a forked child; its exit code (0 when it returned)."""
     pid = os.fork()
@@ -224,6 +207,21 @@ def _forked(work) -> int:
         finally:
             os._exit(code)
     return pid
+
+
+def test_a_killed_writers_staging_folder_is_removed_by_the_next_writer(tmp_path):
+    """Review item 12: `.<name>.staging-*` (a whole model copy for merged models) stayed forever."""
+    write_adapter_folder(tmp_path / "a", {"r": 1}, {"w": torch.ones(2)})
+
+    def killed_writer():  # a writer killed after it filled its staging folder
+        with atomic_dir(tmp_path / "a") as staging:
+            (staging / "big.bin").write_bytes(b"x" * 1000)
+            os.kill(os.getpid(), 9)
+
+    os.waitpid(_forked(killed_writer), 0)
+    assert len(list(tmp_path.iterdir())) == 2
+    write_adapter_folder(tmp_path / "a", {"r": 2}, {"w": torch.ones(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
 def test_two_live_writers_of_one_file_never_remove_each_others_temp_files(tmp_path):
