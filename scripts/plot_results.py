@@ -62,6 +62,7 @@ PLACES = {
     ("Wanda 75%", "SPP", "2e-2"): ("pt", 10, 0, "left"),
     ("Wanda 75%", "LoRA*", "3e-3"): ("pt", 0, 12, "center"),
     ("Wanda 75%", "masked LoRA", "3e-3"): ("pt", -10, 0, "right"),
+    ("Wanda 75%", "HiRA", "2e-2"): ("at", 1900, 66.9, "left"),
 }
 DEFAULT_PLACE = ("pt", 8, 4, "left")
 
