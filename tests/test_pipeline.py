@@ -324,7 +324,8 @@ def test_recovery_configs_compare_the_issue_s_methods():
     assert [v.name for v in dropout] == ["spp_dropout05_s0", "spp_dropout05_s1"] and dropout[0].method == "spp"
     seventy_five = PipelineConfig.from_yaml(folder / RECOVERY[1])
     assert seventy_five.prune.sparsity == 0.75 and [v.name for v in variants(seventy_five)] == [
-        "spp_s0", "spp_s1", "lora_star_s0", "lora_star_s1", "masked_lora_s0", "hira_s0", "hira_s1", "ia3_s0", "spp_kd05_s0"
+        "spp_s0", "spp_s1", "spp_s2", "lora_star_s0", "lora_star_s1", "masked_lora_s0", "hira_s0", "hira_s1", "hira_s2", "ia3_s0",
+        "spp_kd05_s0",
     ]  # fmt: skip
 
 
