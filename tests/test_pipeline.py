@@ -359,6 +359,23 @@ def test_every_comparison_rate_was_probed_on_validation():
     assert trained <= probed, sorted(trained - probed)
 
 
+def test_best_recipe_settings_were_probed_on_validation_only():
+    """Every variant of the best recipe's sweep is valid, scores the Wikipedia validation split alone, and the
+    recipe's pruner, rank, rate and loss are ones the sweep probed (its calibration text included)."""
+    folder = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+    sweep, best = (PipelineConfig.from_yaml(folder / n) for n in ("smollm2_sparsegpt24_sweep.yaml", RECOVERY[3]))
+    every = PipelineConfig.from_yaml(folder / "smollm2_sparsegpt24_sweep.yaml", [f"methods=[{', '.join(sweep.variants)}]"])
+    assert sweep.eval.ppl_windows == 0 and sweep.eval.heldout == "wiki-validation" and sweep.eval.tasks == "none"
+    check_data_separation(sweep)
+    assert sweep.prune.method == best.prune.method and sweep.prune.sparsity == best.prune.sparsity
+    assert best.prune.calibration in {"c4-sample", "wiki-pretrain"}  # the two calibration texts probed
+    probed = {(t.r, t.learning_rate, t.distill_weight, t.max_length) for t in (variant_config(every, v.overrides, 0).train for v in variants(every))}
+    (run,) = variants(best)
+    t = variant_config(best, run.overrides, 0).train
+    assert (t.r, t.learning_rate, t.distill_weight, t.max_length) in probed
+    assert all(out % t.r == 0 for out in (576, 192, 1536))  # SmolLM2-135M's q/o, k/v and MLP widths
+
+
 def test_variants_expand_methods_seeds_and_settings():
     cfg = PipelineConfig.from_dict(apply_overrides({}, [
         "methods=[spp, lora_star, drop]", "seeds=[3, 4]", "method_seeds={lora_star: [7]}",
